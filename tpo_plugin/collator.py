@@ -1,0 +1,32 @@
+"""Pairwise batches that also carry each pair's loaded images, for the corrupted-image passes."""
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from llamafactory.data import PairwiseDataCollatorWithPadding
+
+from .corruption import ImageCorrupter
+
+
+PAIR_IMAGES_KEY = "tpo_images"  # batch key under which each pair's loaded images reach the trainer
+
+
+@dataclass
+class TPODataCollatorWithPadding(PairwiseDataCollatorWithPadding):
+    r"""LLaMA-Factory's pairwise collator, plus ``batch["tpo_images"][i]``: the images of pair i.
+
+    Each image is opened and resized once here; the clean batch is built from these images and the
+    trainer corrupts the same ones, so clean and corrupted inputs share size, tokens and grid.
+    """
+
+    image_corrupter: Optional[ImageCorrupter] = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        pair_images = []
+        for feature in features:
+            feature["images"] = self.image_corrupter.load_images(feature.get("images") or [])
+            pair_images.append(feature["images"])
+
+        batch = super().__call__(features)
+        batch[PAIR_IMAGES_KEY] = pair_images
+        return batch

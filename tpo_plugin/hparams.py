@@ -1,0 +1,135 @@
+"""TPO's YAML keys, and LLaMA-Factory's ``FinetuningArguments`` extended with them and with ``stage: tpo``.
+
+Each key is a dataclass field whose ``help`` says meaning, range and default; the README's key table is
+checked against these fields by a test. Values are validated in ``__post_init__``, that is while
+LLaMA-Factory parses the arguments and before any model or data is loaded.
+"""
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from llamafactory.hparams.finetuning_args import FinetuningArguments
+
+
+NOISE_STEPS = 1000
+CORRUPTIONS = ("diffusion", "blank")
+REWARD_SIDES = ("both", "chosen", "rejected")
+SCORE_KINDS = ("logit", "logprob")
+TPO_PREF_LOSSES = ("sigmoid", "hinge", "ipo")
+
+
+@dataclass
+class TPOArguments:
+    r"""Arguments of Token Preference Optimization (see TPO_METHOD.md)."""
+
+    tpo_noise_step: int = field(
+        default=500,
+        metadata={"help": "Diffusion step k of the image corruption, an integer in 0-999 (TPO_METHOD §1). Default 500."},
+    )
+    tpo_corruption: Literal["diffusion", "blank"] = field(
+        default="diffusion",
+        metadata={
+            "help": "How the image is corrupted: `diffusion` noise at step tpo_noise_step, or a `blank` white image "
+            "of the same size (TPO_METHOD §1). Default diffusion."
+        },
+    )
+    tpo_reward_offset: float = field(
+        default=0.5,
+        metadata={"help": "Offset a of the token weight c = a + sigmoid(±s), a float >= 0 (TPO_METHOD §3). Default 0.5."},
+    )
+    tpo_reward_on: Literal["both", "chosen", "rejected"] = field(
+        default="both",
+        metadata={
+            "help": "Which response gets token weights: `both`, `chosen` or `rejected`; the other side's tokens get "
+            "weight 1 (TPO_METHOD §5). Default both."
+        },
+    )
+    tpo_score: Literal["logit", "logprob"] = field(
+        default="logit",
+        metadata={
+            "help": "What the visual score compares between the clean and the corrupted image: the target token's "
+            "raw `logit` (reference code) or its `logprob` (TPO_METHOD §2). Default logit."
+        },
+    )
+    tpo_detach_reward: bool = field(
+        default=False,
+        metadata={
+            "help": "Stop gradients through the policy's token weights; the corrupted policy pass then runs without "
+            "a graph, which is cheaper (TPO_METHOD §4). Default false."
+        },
+    )
+
+    def validate_tpo_arguments(self) -> None:
+        """Raise ``ValueError`` naming the key, the value and what is allowed."""
+        step = self.tpo_noise_step
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < NOISE_STEPS:
+            raise ValueError(f"`tpo_noise_step` must be an integer in 0..{NOISE_STEPS - 1}, got {step!r}.")
+
+        _check_choice("tpo_corruption", self.tpo_corruption, CORRUPTIONS)
+        _check_choice("tpo_reward_on", self.tpo_reward_on, REWARD_SIDES)
+        _check_choice("tpo_score", self.tpo_score, SCORE_KINDS)
+
+        offset = self.tpo_reward_offset
+        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not offset >= 0:
+            raise ValueError(f"`tpo_reward_offset` must be a number >= 0, got {offset!r}.")
+        self.tpo_reward_offset = float(offset)
+
+        if not isinstance(self.tpo_detach_reward, bool):
+            raise ValueError(f"`tpo_detach_reward` must be true or false, got {self.tpo_detach_reward!r}.")
+
+
+def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"`{key}` must be one of {', '.join(allowed)}; got {value!r}.")
+
+
+def tpo_defaults() -> dict[str, Any]:
+    """The default value of every ``tpo_*`` key."""
+    return {f.name: f.default for f in fields(TPOArguments)}
+
+
+@dataclass
+class TPOFinetuningArguments(FinetuningArguments, TPOArguments):
+    r"""LLaMA-Factory's fine-tuning arguments with ``stage: tpo`` and the ``tpo_*`` keys."""
+
+    stage: Literal["pt", "sft", "rm", "ppo", "dpo", "kto", "tpo"] = field(
+        default="sft",
+        metadata={"help": "Which stage will be performed in training (`tpo`: Token Preference Optimization)."},
+    )
+
+    def __post_init__(self):
+        FinetuningArguments.__post_init__(self)
+        self.validate_tpo_arguments()
+        if self.stage == "tpo":
+            self._check_tpo_stage()
+        else:
+            self._check_tpo_keys_unused()
+
+    def _check_tpo_stage(self) -> None:
+        # TPO compares the policy with a reference model, like DPO with a sigmoid/hinge/ipo loss.
+        self.use_ref_model = True
+        if self.pref_loss not in TPO_PREF_LOSSES:
+            raise ValueError(
+                f"`pref_loss: {self.pref_loss}` is not supported by stage tpo; use one of {', '.join(TPO_PREF_LOSSES)}."
+            )
+
+        if self.pref_loss != "sigmoid" and self.dpo_label_smoothing > 1e-6:
+            raise ValueError("`dpo_label_smoothing` is only valid with `pref_loss: sigmoid`.")
+
+        unsupported = {
+            "pref_bco_weight": self.pref_bco_weight > 1e-6,
+            "ld_alpha": self.ld_alpha is not None,
+            "pissa_init": self.pissa_init,
+        }
+        for key, is_set in unsupported.items():
+            if is_set:
+                raise ValueError(f"`{key}: {getattr(self, key)}` is not supported by stage tpo; remove it.")
+
+    def _check_tpo_keys_unused(self) -> None:
+        # A silently ignored tpo_* key would let a user believe they trained TPO: refuse instead.
+        for key, default in tpo_defaults().items():
+            if getattr(self, key) != default:
+                raise ValueError(
+                    f"`{key}: {getattr(self, key)}` is only used by `stage: tpo`, but stage is {self.stage!r}; "
+                    "remove the tpo_* keys or set `stage: tpo`."
+                )

@@ -1,0 +1,101 @@
+"""The TPO objective as pure tensor functions (TPO_METHOD §2-§4).
+
+Shapes: ``B`` sequences (all chosen rows first, then all rejected rows, as LLaMA-Factory's pairwise
+collator orders them), ``T`` token positions, ``V`` vocabulary entries.
+"""
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+IGNORE_INDEX = -100  # LLaMA-Factory's label for prompt and padding positions
+
+
+class TokenScores(NamedTuple):
+    """Per-token quantities of the response tokens; zero where ``mask`` is false."""
+
+    logit: torch.Tensor  # (B, T) float32: raw logit z(y_i | x, v, y_<i) of the target token
+    logp: torch.Tensor  # (B, T) float32: log p(y_i | x, v, y_<i)
+    mask: torch.Tensor  # (B, T) bool: true on response tokens
+
+
+def target_token_scores(logits: torch.Tensor, labels: torch.Tensor) -> TokenScores:
+    r"""Target-token logit and log-probability of each response token (TPO_METHOD §2 and §4).
+
+    Position t of ``logits`` predicts token t + 1 of ``labels``. The log-probability is computed as
+    ``z_target - logsumexp(z)``, so no full-vocabulary log-softmax is built.
+    """
+    labels = labels[:, 1:]
+    logits = logits[:, :-1]
+    mask = labels != IGNORE_INDEX
+    targets = labels.masked_fill(~mask, 0).unsqueeze(-1)
+    target_logit = logits.gather(-1, targets).squeeze(-1).float()
+    target_logp = target_logit - torch.logsumexp(logits.float(), dim=-1)
+    return TokenScores(target_logit * mask, target_logp * mask, mask)
+
+
+def visual_score(clean: torch.Tensor, corrupted: torch.Tensor) -> torch.Tensor:
+    r"""Visual-anchored score ``s_i = z(y_i | x, v) - z(y_i | x, v_k)`` (TPO_METHOD §2).
+
+    Works on logits (the reference code's choice) or on log-probabilities alike.
+    """
+    return clean - corrupted
+
+
+def log_token_weight(score: torch.Tensor, rejected: bool, offset: float) -> torch.Tensor:
+    r"""``log c_i`` with ``c_i = a + sigmoid(s_i)`` for chosen and ``a + 1 - sigmoid(s_i)`` for rejected tokens (§3).
+
+    ``1 - sigmoid(s) = sigmoid(-s)``; with ``a = 0`` the logarithm is taken as ``logsigmoid`` so that a
+    strongly (un)anchored token gives a large negative, not an infinite, log-weight.
+    """
+    signed_score = -score if rejected else score
+    if offset == 0:
+        return F.logsigmoid(signed_score)
+    return torch.log(offset + torch.sigmoid(signed_score))
+
+
+def sequence_logps(
+    token_logps: torch.Tensor, token_log_weights: torch.Tensor, mask: torch.Tensor, average: bool = False
+) -> torch.Tensor:
+    r"""``sum_i [log p(y_i) + log c_i]`` over the response tokens of each sequence (TPO_METHOD §4).
+
+    ``log(p * c) = log p + log c``: the token weight multiplies the token probability. With
+    ``average`` the sum is divided by the number of response tokens (the IPO loss uses means).
+    """
+    total = ((token_logps + token_log_weights) * mask).sum(dim=-1)
+    if average:
+        return total / mask.sum(dim=-1).clamp_min(1)
+    return total
+
+
+def preference_losses(
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    loss_type: str,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    r"""Per-pair loss on the TPO margin ``h = beta * (chosen_logratio - rejected_logratio)`` (TPO_METHOD §4).
+
+    Each log-ratio is ``sum [log p_theta - log p_ref + log c_theta - log c_ref]`` of one response.
+
+    - ``sigmoid``: ``-(1 - eps) log sigmoid(h) - eps log sigmoid(-h)`` (DPO; cDPO label smoothing eps).
+    - ``hinge``: ``max(0, 1 - h)`` (SLiC).
+    - ``ipo``: ``(h / beta - 1 / (2 beta))^2`` (IPO; log-ratios of mean token log-probabilities).
+    """
+    logratio_margin = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        margin = beta * logratio_margin
+        return -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * logratio_margin)
+    if loss_type == "ipo":
+        return (logratio_margin - 1 / (2 * beta)) ** 2
+    raise ValueError(f"Unknown TPO loss type {loss_type!r}; expected sigmoid, hinge or ipo.")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over the true positions of ``mask`` (0 if there are none)."""
+    return (values * mask).sum() / mask.sum().clamp_min(1)

@@ -1,0 +1,338 @@
+"""Tiny random-weight vision-language models, built locally, for tests and the offline demo.
+
+LLaMA-Factory can only train a model it loads from a directory, and no model may be downloaded here. This
+module writes such a directory from nothing: a byte-level BPE tokenizer trained on a built-in corpus, a
+model of well under a million parameters with random weights, and the family's processor. LLaMA-Factory
+then runs its real pipeline on it (template, multimodal plugin, LoRA or full fine-tuning) in seconds on a
+CPU.
+
+Two families are covered, one per kind of multimodal plugin in LLaMA-Factory:
+
+* ``qwen2_vl``: Qwen2-VL, whose image tokens depend on the image size (dynamic resolution, M-RoPE);
+* ``llava``: LLaVA-1.5, a CLIP vision tower in front of a Llama, with a fixed number of image tokens.
+
+Only the standard library, torch, tokenizers, PIL and transformers are imported, never llamafactory, so
+tests can build a model before LLaMA-Factory is configured.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import pathlib
+import random
+import tempfile
+
+import torch
+from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+__all__ = ["FAMILIES", "build_tiny_model", "make_demo_images"]
+
+FAMILIES = {"qwen2_vl": "qwen2_vl", "llava": "llava"}
+"""Supported families, each mapped to the LLaMA-Factory ``template`` that trains it."""
+
+# Written last into a finished build, so that a directory holding it is complete. Bump the version when
+# the builder changes, so that stale builds in a reused directory are rebuilt rather than trusted.
+_MARKER = "tiny_model.json"
+_BUILD_VERSION = 1
+
+_VOCAB_SIZE = 768
+_PATCH_SIZE = 14
+_LLAVA_IMAGE_SIZE = 2 * _PATCH_SIZE  # 2 x 2 patches: 4 image tokens per image, the CLS token dropped
+
+# Text model shared by both families: 4 heads of 32 dimensions, so Qwen2-VL's M-RoPE has 16 frequencies
+# to split between time, height and width.
+_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+_MAX_POSITIONS = 2048
+
+_QWEN2_VL_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+_LLAVA_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+
+_COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "orange": (240, 140, 30),
+    "purple": (140, 60, 180),
+    "pink": (240, 130, 180),
+    "brown": (130, 80, 40),
+    "black": (20, 20, 20),
+    "white": (245, 245, 245),
+}
+_SHAPES = ["circle", "square", "triangle"]
+_OBJECTS = ["ball", "box", "cup", "car", "dog", "cat", "bird", "tree", "flower", "house", "apple", "kite"] + _SHAPES
+_SENTENCES = [
+    "A {colour} {obj}.",
+    "There is a {colour} {obj} in the picture.",
+    "The image shows a {colour} {obj} on a plain background.",
+    "I can see one {colour} {obj} and nothing else.",
+]
+# Chat-template boilerplate and prompts of the tests, so that they encode to few tokens.
+_FIXED_TEXT = [
+    "You are a helpful assistant.",
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "system\nuser\nassistant\nUSER: ASSISTANT:",
+    "What is in the picture? What colour is it? Describe the image. What shape do you see?",
+    "Yes. No. It is small. It is large. The picture is empty. A red ball and a dog.",
+]
+
+
+def build_tiny_model(family: str, output_dir: str | os.PathLike, seed: int = 0) -> pathlib.Path:
+    """Build a tiny random-weight model, its tokenizer and processor into ``output_dir``; return the directory.
+
+    The directory loads with ``AutoModelForImageTextToText``, ``AutoTokenizer`` and ``AutoProcessor`` and
+    trains with LLaMA-Factory under the template ``FAMILIES[family]``. Weights depend only on ``seed``
+    (the caller's torch RNG state is left untouched). A directory that already holds a complete build of
+    the same family, seed and builder version is returned as it is, so tests can share one build.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown family {family!r}; expected one of {sorted(FAMILIES)}.")
+
+    output_dir = pathlib.Path(output_dir)
+    marker = {"family": family, "seed": seed, "version": _BUILD_VERSION}
+    if _read_marker(output_dir) == marker:
+        return output_dir
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / _MARKER).unlink(missing_ok=True)  # the files about to change no longer match it
+    build = _build_qwen2_vl if family == "qwen2_vl" else _build_llava
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, processor = build()
+
+    # Save next to the target and move file by file: each file then appears whole, and a concurrent
+    # build of the same seed (pytest-xdist) writes identical bytes.
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".building-") as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        for path in pathlib.Path(staging).iterdir():
+            os.replace(path, output_dir / path.name)
+
+    _write_json_atomically(output_dir / _MARKER, marker)
+    return output_dir
+
+
+def make_demo_images(
+    output_dir: str | os.PathLike, count: int, size: int = 56, seed: int = 0
+) -> list[pathlib.Path]:
+    """Draw ``count`` PNGs of one coloured shape each on a light background; return their paths.
+
+    The content is in the file name, ``{index:03d}-{colour}-{shape}.png`` (for example
+    ``000-red-circle.png``), so that a caller can write truthful and false answers about each image.
+    """
+    output_dir = pathlib.Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths = []
+    for index in range(count):
+        colour, shape = rng.choice([c for c in _COLOURS if c != "white"]), rng.choice(_SHAPES)
+        path = output_dir / f"{index:03d}-{colour}-{shape}.png"
+        _draw_shape(shape, _COLOURS[colour], size, rng).save(path)
+        paths.append(path)
+    return paths
+
+
+def _draw_shape(shape: str, fill: tuple[int, int, int], size: int, rng: random.Random) -> Image.Image:
+    """One shape, half the image wide, at a random spot, so images of the same content still differ."""
+    background = tuple(rng.randint(225, 255) for _ in range(3))
+    image = Image.new("RGB", (size, size), background)
+    extent = size // 2
+    left, top = rng.randint(0, size - extent), rng.randint(0, size - extent)
+    box = (left, top, left + extent - 1, top + extent - 1)
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(left + extent // 2, top), (box[2], box[3]), (left, box[3])], fill=fill)
+    return image
+
+
+def _corpus() -> list[str]:
+    """A few hundred short sentences about coloured objects, plus the chat templates' fixed text."""
+    combos = itertools.product(_SENTENCES, _COLOURS, _OBJECTS)
+    return [sentence.format(colour=c, obj=o) for sentence, c, o in combos] + _FIXED_TEXT
+
+
+def _train_tokenizer(special_tokens: list[str]) -> Tokenizer:
+    """Train a byte-level BPE on the built-in corpus; the special tokens take the first ids, in order.
+
+    Byte-level BPE encodes any text, so prompts outside the corpus still work, only in more tokens.
+    """
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_VOCAB_SIZE,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    return tokenizer
+
+
+def _build_qwen2_vl() -> tuple[Qwen2VLForConditionalGeneration, Qwen2VLProcessor]:
+    """Qwen2-VL with Qwen's special tokens; a 56 x 56 image becomes 4 x 4 patches, merged into 4 tokens."""
+    bpe = _train_tokenizer(_QWEN2_VL_SPECIAL_TOKENS)
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",  # as in Qwen2-VL-Instruct; LLaMA-Factory's template replaces it with the same
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _QWEN2_VL_SPECIAL_TOKENS}
+
+    head_dim = _TEXT["hidden_size"] // _TEXT["num_attention_heads"]
+    config = Qwen2VLConfig(
+        text_config=dict(
+            **_TEXT,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=_MAX_POSITIONS,
+            # M-RoPE splits the head_dim / 2 rotary frequencies between time, height and width; the
+            # real model's [16, 24, 24] of 64 scaled down.
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(head_dim)},
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            depth=2,
+            embed_dim=64,
+            num_heads=4,
+            mlp_ratio=2,
+            hidden_size=_TEXT["hidden_size"],  # the merger projects straight into the text model
+            patch_size=_PATCH_SIZE,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    # At least 2 x 2 merged tokens, at most 4 x 4: a 56 x 56 image gives 4 tokens, a large one 16.
+    merged = (_PATCH_SIZE * 2) ** 2
+    pixels = dict(min_pixels=4 * merged, max_pixels=16 * merged)
+    processor = Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**pixels),
+    )
+    return Qwen2VLForConditionalGeneration(config), processor
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Split ``head_dim // 2`` frequencies as the real Qwen2-VL does (1/4 time, 3/8 height, 3/8 width)."""
+    half = head_dim // 2
+    spatial = 3 * half // 8
+    return [half - 2 * spatial, spatial, spatial]
+
+
+def _build_llava() -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """LLaVA-1.5: CLIP on 28 x 28 images (2 x 2 patches + CLS), a Llama, ``<image>`` expanded to 4 tokens."""
+    bpe = _train_tokenizer(_LLAVA_SPECIAL_TOKENS)
+    # Like Llama's tokenizer, prepend <s> when asked for special tokens (LLaMA-Factory never asks).
+    bos_id = bpe.token_to_id("<s>")
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+    vision_config = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=_LLAVA_IMAGE_SIZE,
+        patch_size=_PATCH_SIZE,
+        projection_dim=64,
+    )
+    text_config = LlamaConfig(
+        **_TEXT,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=_MAX_POSITIONS,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    num_patches = (_LLAVA_IMAGE_SIZE // _PATCH_SIZE) ** 2
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=num_patches,
+        vision_feature_select_strategy="default",  # drop CLS: one token per patch
+        vision_feature_layer=-2,
+    )
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": _LLAVA_IMAGE_SIZE},
+        crop_size={"height": _LLAVA_IMAGE_SIZE, "width": _LLAVA_IMAGE_SIZE},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=_PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, which "default" then drops
+        image_token="<image>",
+    )
+    return LlavaForConditionalGeneration(config), processor
+
+
+def _read_marker(output_dir: pathlib.Path) -> dict | None:
+    """The marker of a finished build in ``output_dir``, or None if there is none or it is unreadable."""
+    try:
+        return json.loads((output_dir / _MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json_atomically(path: pathlib.Path, payload: dict) -> None:
+    """Write through a temporary file and rename it, so a reader never sees half a marker."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(payload))
+    os.replace(temporary, path)

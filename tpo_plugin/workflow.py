@@ -1,0 +1,168 @@
+"""``run_tpo``: the lifecycle of ``stage: tpo``, step for step LLaMA-Factory's ``run_dpo``.
+
+It differs from ``run_dpo`` only where TPO differs: it refuses data TPO cannot use before the model
+is loaded, its collator hands the trainer each pair's images, and its trainer adds the corrupted-image
+passes and the token weights.
+"""
+
+from typing import TYPE_CHECKING, Any, Optional
+
+from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+from llamafactory.data.parser import get_dataset_list
+from llamafactory.extras import logging
+from llamafactory.extras.constants import IGNORE_INDEX
+from llamafactory.extras.misc import calculate_tps
+from llamafactory.extras.ploting import plot_loss
+from llamafactory.model import load_model, load_tokenizer
+from llamafactory.train.trainer_utils import create_modelcard_and_push, create_ref_model
+
+from .collator import TPODataCollatorWithPadding
+from .corruption import ImageCorrupter
+
+
+if TYPE_CHECKING:
+    from transformers import Seq2SeqTrainingArguments, TrainerCallback
+
+    from llamafactory.hparams import DataArguments, ModelArguments
+
+    from .hparams import TPOFinetuningArguments
+
+
+logger = logging.get_logger(__name__)
+
+PLOT_KEYS = [
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "tpo/score_chosen",
+    "tpo/score_rejected",
+    "tpo/weight_chosen",
+    "tpo/weight_rejected",
+]
+
+
+def run_tpo(
+    model_args: "ModelArguments",
+    data_args: "DataArguments",
+    training_args: "Seq2SeqTrainingArguments",
+    finetuning_args: "TPOFinetuningArguments",
+    callbacks: Optional[list["TrainerCallback"]] = None,
+):
+    check_ranking_datasets(data_args)
+    tokenizer_module = load_tokenizer(model_args)
+    tokenizer = tokenizer_module["tokenizer"]
+    template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    check_image_template(template, data_args.template)
+    dataset_module = get_dataset(template, model_args, data_args, training_args, stage="rm", **tokenizer_module)
+    check_pairs_have_images(dataset_module)
+    model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
+
+    image_corrupter = ImageCorrupter(
+        template=template,
+        processor=tokenizer_module["processor"],
+        corruption=finetuning_args.tpo_corruption,
+        noise_step=finetuning_args.tpo_noise_step,
+        seed=training_args.seed,
+    )
+    data_collator = TPODataCollatorWithPadding(
+        template=template,
+        model=model,
+        pad_to_multiple_of=8,
+        label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
+        image_corrupter=image_corrupter,
+        **tokenizer_module,
+    )
+
+    # Create reference model: the adapter-disabled policy for LoRA, else a frozen copy (or `ref_model`)
+    if finetuning_args.ref_model is None and (not training_args.do_train):  # use the model itself
+        ref_model = model
+    else:
+        ref_model = create_ref_model(model_args, finetuning_args)
+
+    from .trainer import CustomTPOTrainer
+
+    trainer = CustomTPOTrainer(
+        image_corrupter=image_corrupter,
+        model=model,
+        ref_model=ref_model,
+        args=training_args,
+        finetuning_args=finetuning_args,
+        data_collator=data_collator,
+        callbacks=callbacks,
+        **dataset_module,
+        **tokenizer_module,
+    )
+
+    # Training
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()
+        if finetuning_args.include_effective_tokens_per_second:
+            train_result.metrics["effective_tokens_per_sec"] = calculate_tps(
+                dataset_module["train_dataset"], train_result.metrics, stage="rm"
+            )
+
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+        if trainer.is_world_process_zero() and finetuning_args.plot_loss:
+            keys = list(PLOT_KEYS)
+            if isinstance(dataset_module.get("eval_dataset"), dict):
+                keys += [f"eval_{key}_loss" for key in dataset_module["eval_dataset"].keys()]
+            else:
+                keys += ["eval_loss"]
+
+            plot_loss(training_args.output_dir, keys=keys)
+
+    # Evaluation
+    if training_args.do_eval:
+        metrics = trainer.evaluate(metric_key_prefix="eval")
+        if id(model) == id(ref_model):  # unable to compute rewards if reference model is the model itself
+            remove_keys = [key for key in metrics.keys() if "rewards" in key]
+            for key in remove_keys:
+                metrics.pop(key)
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+
+    # Create model card
+    create_modelcard_and_push(trainer, model_args, data_args, training_args, finetuning_args)
+
+
+def check_ranking_datasets(data_args: "DataArguments") -> None:
+    """TPO trains on preference pairs: every dataset must be marked ``"ranking": true``."""
+    for names in (data_args.dataset, data_args.eval_dataset):
+        for dataset_attr in get_dataset_list(names, data_args.dataset_dir):
+            if not dataset_attr.ranking:
+                raise ValueError(
+                    f"Dataset `{dataset_attr}` is not a ranking (preference) dataset, but stage tpo trains on "
+                    f"chosen/rejected pairs: mark it `\"ranking\": true` in {data_args.dataset_dir}/dataset_info.json "
+                    "and give it `chosen` and `rejected` columns."
+                )
+
+
+def check_image_template(template: Any, template_name: Optional[str]) -> None:
+    """TPO corrupts images, so the template's multimodal plugin must turn images into model inputs."""
+    if template.mm_plugin.image_token is None:
+        raise ValueError(
+            f"Template `{template_name}` has no multimodal plugin for images, but stage tpo needs one; "
+            "use the vision-language template of your model (e.g. qwen2_vl, qwen2_5_vl, qwen3_vl, llava, intern_vl)."
+        )
+
+
+def check_pairs_have_images(dataset_module: dict[str, Any]) -> None:
+    """Refuse image-free training data; pairs without an image train as plain DPO pairs (weight 1)."""
+    dataset = dataset_module.get("train_dataset")
+    if dataset is None or getattr(dataset, "column_names", None) is None:  # streaming: cannot count up front
+        return
+
+    images = [row_images or [] for row_images in dataset["images"]] if "images" in dataset.column_names else []
+    without_image = sum(1 for row_images in images if len(row_images) == 0)
+    if without_image == len(images):
+        raise ValueError(
+            "No training pair has an image, but stage tpo weights tokens by how much they depend on the image; "
+            "check the `images` column of the dataset, or train with `stage: dpo`."
+        )
+    if without_image:
+        logger.warning_rank0(
+            f"{without_image} of {len(images)} training pairs have no image; they train as plain DPO pairs (weight 1)."
+        )
