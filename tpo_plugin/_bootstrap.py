@@ -13,7 +13,6 @@ Set ``TPO_PLUGIN_DISABLE=1`` to turn the plugin off.
 import os
 import sys
 
-
 DISABLE_ENV = "TPO_PLUGIN_DISABLE"
 
 # Must equal the keys of ``tpo_plugin.patches.PATCHES`` (a test checks it); kept here so that the

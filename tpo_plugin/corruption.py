@@ -19,7 +19,6 @@ from PIL import Image
 
 from .patches import regularize_images
 
-
 NUM_NOISE_STEPS = 1000
 EVAL_STEP_KEY = -1  # every evaluation uses the same noise, so evaluations at different steps compare
 
@@ -64,7 +63,7 @@ def corrupt_image(image: Image.Image, corruption: str, noise_step: int, seed: in
     generator = torch.Generator().manual_seed(noise_seed(seed, step_key, image))
     noise = torch.randn(pixels.shape, generator=generator, dtype=torch.float32)
     noisy = add_diffusion_noise(pixels, noise, noise_step)
-    return Image.fromarray((noisy * 255.0).round_().to(torch.uint8).numpy(), mode=image.mode)
+    return Image.fromarray((noisy * 255.0).round_().to(torch.uint8).numpy())
 
 
 class ImageCorrupter:

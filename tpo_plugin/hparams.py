@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 from llamafactory.hparams.finetuning_args import FinetuningArguments
 
-
 NOISE_STEPS = 1000
 CORRUPTIONS = ("diffusion", "blank")
 REWARD_SIDES = ("both", "chosen", "rejected")

@@ -4,11 +4,10 @@ Shapes: ``B`` sequences (all chosen rows first, then all rejected rows, as LLaMA
 collator orders them), ``T`` token positions, ``V`` vocabulary entries.
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-
 
 IGNORE_INDEX = -100  # LLaMA-Factory's label for prompt and padding positions
 
@@ -99,3 +98,112 @@ def preference_losses(
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` over the true positions of ``mask`` (0 if there are none)."""
     return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
+def token_visual_scores_and_log_weights(
+    clean: TokenScores,
+    corrupted: Optional[TokenScores],
+    has_image: torch.Tensor,
+    score_kind: str = "logit",
+    reward_on: str = "both",
+    offset: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Visual scores ``s`` and log token weights ``log c`` of one model's response tokens (TPO_METHOD §2, §3).
+
+    Rows are chosen then rejected sequences; ``has_image`` (B,) marks rows whose pair has an image.
+    Rows without an image, the side that ``reward_on`` leaves out, and non-response positions get
+    ``s = 0`` (no image) and ``log c = 0``, i.e. weight 1. ``corrupted`` is ``None`` when the batch has
+    no image at all.
+    """
+    if corrupted is None:
+        zeros = torch.zeros_like(clean.logp)
+        return zeros, zeros
+
+    if score_kind == "logit":
+        score = visual_score(clean.logit, corrupted.logit)
+    else:
+        score = visual_score(clean.logp, corrupted.logp)
+
+    num_pairs = score.size(0) // 2
+    chosen_score, rejected_score = score.split(num_pairs, dim=0)
+    log_weight = torch.cat(
+        [
+            log_token_weight(chosen_score, rejected=False, offset=offset),
+            log_token_weight(rejected_score, rejected=True, offset=offset),
+        ]
+    )
+    weighted_rows = has_image.clone()
+    if reward_on == "chosen":
+        weighted_rows[num_pairs:] = False
+    elif reward_on == "rejected":
+        weighted_rows[:num_pairs] = False
+
+    score = torch.where(has_image.unsqueeze(-1) & clean.mask, score, 0.0)
+    log_weight = torch.where(weighted_rows.unsqueeze(-1) & clean.mask, log_weight, 0.0)
+    return score, log_weight
+
+
+class TPOBatchLoss(NamedTuple):
+    """Per-pair losses and the detached quantities the trainer logs."""
+
+    losses: torch.Tensor  # (n,) TPO loss of each pair, plus pref_ftx times the chosen answer's SFT loss
+    chosen_rewards: torch.Tensor  # (n,) beta * chosen log-ratio, weights included
+    rejected_rewards: torch.Tensor  # (n,)
+    chosen_logps: torch.Tensor  # (n,) policy log p of the chosen answer, without weights (mean for ipo)
+    rejected_logps: torch.Tensor  # (n,)
+    visual_score: torch.Tensor  # (2n, T) the policy's s, 0 off the response and on image-less rows
+    token_weight: torch.Tensor  # (2n, T) the policy's c, 1 where no weight applies
+
+
+def tpo_batch_loss(
+    policy_clean: TokenScores,
+    policy_corrupted: Optional[TokenScores],
+    ref_clean: TokenScores,
+    ref_corrupted: Optional[TokenScores],
+    has_image: torch.Tensor,
+    *,
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    ftx: float = 0.0,
+    score_kind: str = "logit",
+    reward_on: str = "both",
+    offset: float = 0.5,
+    detach_reward: bool = False,
+) -> TPOBatchLoss:
+    r"""The visual-aware DPO objective of a batch of n pairs (TPO_METHOD §4).
+
+    Policy and reference each weight their own tokens from their own clean and corrupted passes;
+    with ``detach_reward`` no gradient flows through the policy's weights ``c^theta``.
+    """
+    weighting = {"score_kind": score_kind, "reward_on": reward_on, "offset": offset}
+    policy_score, policy_log_weight = token_visual_scores_and_log_weights(
+        policy_clean, policy_corrupted, has_image, **weighting
+    )
+    _, ref_log_weight = token_visual_scores_and_log_weights(ref_clean, ref_corrupted, has_image, **weighting)
+    if detach_reward:
+        policy_log_weight = policy_log_weight.detach()
+
+    mask, average = policy_clean.mask, loss_type == "ipo"
+    logratios = sequence_logps(policy_clean.logp, policy_log_weight, mask, average) - sequence_logps(
+        ref_clean.logp, ref_log_weight, mask, average
+    )
+    num_pairs = logratios.size(0) // 2
+    chosen_logratios, rejected_logratios = logratios.split(num_pairs)
+    losses = preference_losses(chosen_logratios, rejected_logratios, loss_type, beta, label_smoothing)
+    if ftx > 0:  # LLaMA-Factory's pref_ftx: mean token NLL of the chosen answer
+        losses = losses - ftx * sequence_logps(
+            policy_clean.logp[:num_pairs], torch.zeros_like(policy_clean.logp[:num_pairs]), mask[:num_pairs], True
+        )
+
+    plain_logps = sequence_logps(policy_clean.logp.detach(), torch.zeros_like(policy_clean.logp), mask, average)
+    chosen_logps, rejected_logps = plain_logps.split(num_pairs)
+    return TPOBatchLoss(
+        losses=losses,
+        chosen_rewards=beta * chosen_logratios.detach(),
+        rejected_rewards=beta * rejected_logratios.detach(),
+        chosen_logps=chosen_logps,
+        rejected_logps=rejected_logps,
+        visual_score=policy_score.detach(),
+        token_weight=policy_log_weight.detach().exp(),
+    )

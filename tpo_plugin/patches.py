@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 from . import _bootstrap
 
-
 SUPPORTED_LLAMAFACTORY = "0.9.5"
 _PATCHED_MARK = "_tpo_plugin_patched"
 

@@ -6,7 +6,7 @@ with the same options as ``stage: dpo``.
 """
 
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
@@ -17,14 +17,10 @@ from .collator import PAIR_IMAGES_KEY
 from .corruption import EVAL_STEP_KEY, ImageCorrupter
 from .objective import (
     TokenScores,
-    log_token_weight,
     masked_mean,
-    preference_losses,
-    sequence_logps,
     target_token_scores,
-    visual_score,
+    tpo_batch_loss,
 )
-
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -41,37 +37,6 @@ class CustomTPOTrainer(CustomDPOTrainer):
         """One forward pass: per-token target scores and each row's mean logit (LLaMA-Factory's `logits/*`)."""
         logits = model(**inputs, return_dict=True, use_cache=False).logits
         return target_token_scores(logits, labels), logits.detach().float().mean(dim=(1, 2))
-
-    def _token_log_weights(
-        self, clean: TokenScores, corrupted: Optional[TokenScores], has_image: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Visual scores and ``log c`` of one model's tokens; weight 1 where no weight applies (§2, §3)."""
-        if corrupted is None:
-            zeros = torch.zeros_like(clean.logp)
-            return zeros, zeros
-
-        args = self.finetuning_args
-        if args.tpo_score == "logit":
-            score = visual_score(clean.logit, corrupted.logit)
-        else:
-            score = visual_score(clean.logp, corrupted.logp)
-
-        num_pairs = score.size(0) // 2
-        chosen_score, rejected_score = score.split(num_pairs, dim=0)
-        weighted_rows = has_image.clone()
-        if args.tpo_reward_on == "chosen":
-            weighted_rows[num_pairs:] = False
-        elif args.tpo_reward_on == "rejected":
-            weighted_rows[:num_pairs] = False
-
-        log_weight = torch.cat(
-            [
-                log_token_weight(chosen_score, rejected=False, offset=args.tpo_reward_offset),
-                log_token_weight(rejected_score, rejected=True, offset=args.tpo_reward_offset),
-            ]
-        )
-        log_weight = log_weight * weighted_rows.unsqueeze(-1) * clean.mask
-        return score * has_image.unsqueeze(-1) * clean.mask, log_weight
 
     @override
     def get_batch_loss_metrics(
@@ -111,33 +76,24 @@ class CustomTPOTrainer(CustomDPOTrainer):
             if corrupted_inputs is not None:
                 ref_corrupted, _ = self._token_scores(ref_model, corrupted_inputs, labels)
 
-        policy_score, policy_log_weight = self._token_log_weights(policy_clean, policy_corrupted, has_image)
-        _, ref_log_weight = self._token_log_weights(ref_clean, ref_corrupted, has_image)
-        if args.tpo_detach_reward:
-            policy_log_weight = policy_log_weight.detach()
-
-        average = self.loss_type == "ipo"
-        mask = policy_clean.mask
-        logratios = sequence_logps(policy_clean.logp, policy_log_weight, mask, average) - sequence_logps(
-            ref_clean.logp, ref_log_weight, mask, average
+        result = tpo_batch_loss(
+            policy_clean,
+            policy_corrupted,
+            ref_clean,
+            ref_corrupted,
+            has_image,
+            loss_type=self.loss_type,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            ftx=self.ftx_gamma,
+            score_kind=args.tpo_score,
+            reward_on=args.tpo_reward_on,
+            offset=args.tpo_reward_offset,
+            detach_reward=args.tpo_detach_reward,
         )
-        chosen_logratios, rejected_logratios = logratios.split(num_pairs)
-        losses = preference_losses(
-            chosen_logratios, rejected_logratios, self.loss_type, self.beta, self.label_smoothing
-        )
-
-        plain_logps = sequence_logps(policy_clean.logp, torch.zeros_like(policy_clean.logp), mask, average)
-        chosen_logps, rejected_logps = plain_logps.detach().split(num_pairs)
-        if self.ftx_gamma > 1e-6:
-            chosen_mask = mask[:num_pairs]
-            sft_losses = -(policy_clean.logp[:num_pairs] * chosen_mask).sum(-1) / chosen_mask.sum(-1).clamp_min(1)
-            losses = losses + self.ftx_gamma * sft_losses
-
-        chosen_rewards = self.beta * chosen_logratios.detach()
-        rejected_rewards = self.beta * rejected_logratios.detach()
-        policy_weight = policy_log_weight.detach().exp()
-        policy_score = policy_score.detach()
+        chosen_rewards, rejected_rewards = result.chosen_rewards, result.rejected_rewards
         chosen_logits, rejected_logits = policy_mean_logits.split(num_pairs)
+        mask = policy_clean.mask
 
         prefix = "eval_" if train_eval == "eval" else ""
         metrics = {
@@ -145,13 +101,13 @@ class CustomTPOTrainer(CustomDPOTrainer):
             "rewards/rejected": rejected_rewards.mean(),
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
             "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": chosen_logps.mean(),
-            "logps/rejected": rejected_logps.mean(),
+            "logps/chosen": result.chosen_logps.mean(),
+            "logps/rejected": result.rejected_logps.mean(),
             "logits/chosen": chosen_logits.mean(),
             "logits/rejected": rejected_logits.mean(),
-            "tpo/score_chosen": masked_mean(policy_score[:num_pairs], mask[:num_pairs]),
-            "tpo/score_rejected": masked_mean(policy_score[num_pairs:], mask[num_pairs:]),
-            "tpo/weight_chosen": masked_mean(policy_weight[:num_pairs], mask[:num_pairs]),
-            "tpo/weight_rejected": masked_mean(policy_weight[num_pairs:], mask[num_pairs:]),
+            "tpo/score_chosen": masked_mean(result.visual_score[:num_pairs], mask[:num_pairs]),
+            "tpo/score_rejected": masked_mean(result.visual_score[num_pairs:], mask[num_pairs:]),
+            "tpo/weight_chosen": masked_mean(result.token_weight[:num_pairs], mask[:num_pairs]),
+            "tpo/weight_rejected": masked_mean(result.token_weight[num_pairs:], mask[num_pairs:]),
         }
-        return losses.mean(), {f"{prefix}{key}": value.item() for key, value in metrics.items()}
+        return result.losses.mean(), {f"{prefix}{key}": value.item() for key, value in metrics.items()}

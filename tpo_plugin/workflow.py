@@ -19,11 +19,9 @@ from llamafactory.train.trainer_utils import create_modelcard_and_push, create_r
 from .collator import TPODataCollatorWithPadding
 from .corruption import ImageCorrupter
 
-
 if TYPE_CHECKING:
-    from transformers import Seq2SeqTrainingArguments, TrainerCallback
-
     from llamafactory.hparams import DataArguments, ModelArguments
+    from transformers import Seq2SeqTrainingArguments, TrainerCallback
 
     from .hparams import TPOFinetuningArguments
 
