@@ -52,7 +52,7 @@ def test_add_diffusion_noise_formula_and_clamp():
 
 def rgb_image(width=20, height=12, seed=0) -> Image.Image:
     pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels, mode="RGB")
+    return Image.fromarray(pixels)
 
 
 def test_diffusion_corruption_pixels_follow_formula():

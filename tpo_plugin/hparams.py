@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from llamafactory.hparams.finetuning_args import FinetuningArguments
 
+from .patches import apply_deferred
+
 NOISE_STEPS = 1000
 CORRUPTIONS = ("diffusion", "blank")
 REWARD_SIDES = ("both", "chosen", "rejected")
@@ -132,3 +134,8 @@ class TPOFinetuningArguments(FinetuningArguments, TPOArguments):
                     f"`{key}: {getattr(self, key)}` is only used by `stage: tpo`, but stage is {self.stage!r}; "
                     "remove the tpo_* keys or set `stage: tpo`."
                 )
+
+
+# If importing this module is what loaded LLaMA-Factory, its parser could not be patched then (the patch
+# needs the class above): patch it now. Otherwise this does nothing.
+apply_deferred()

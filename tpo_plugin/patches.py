@@ -16,6 +16,7 @@ Each patch checks that what it replaces exists and otherwise fails loudly, namin
 version this module was written for. Upgrading LLaMA-Factory means reading this file.
 """
 
+import sys
 from types import ModuleType
 from typing import Any, Callable
 
@@ -49,8 +50,14 @@ def _installed_llamafactory_version() -> str:
         return "(unknown version)"
 
 
-def patch_parser(parser: ModuleType) -> None:
+def patch_parser(parser: ModuleType) -> bool:
     """Let the train/infer/eval parsers build ``TPOFinetuningArguments`` instead of ``FinetuningArguments``."""
+    hparams = sys.modules.get("tpo_plugin.hparams")
+    if hparams is not None and not hasattr(hparams, "TPOFinetuningArguments"):
+        # Importing tpo_plugin.hparams is what loads LLaMA-Factory here, so the class does not exist yet;
+        # hparams.py applies this patch itself once it does.
+        return False
+
     from llamafactory.hparams.finetuning_args import FinetuningArguments
 
     from .hparams import TPOFinetuningArguments
@@ -65,9 +72,10 @@ def patch_parser(parser: ModuleType) -> None:
                 f"(LLaMA-Factory {SUPPORTED_LLAMAFACTORY}); found it {len(positions)} times."
             )
         dataclass_list[positions[0]] = TPOFinetuningArguments
+    return True
 
 
-def patch_tuner(tuner: ModuleType) -> None:
+def patch_tuner(tuner: ModuleType) -> bool:
     """Route ``stage: tpo`` through LLaMA-Factory's own ``_training_function`` to ``run_tpo``."""
     _require(tuner, "_training_function")
     get_train_args = _require(tuner, "get_train_args")
@@ -92,6 +100,7 @@ def patch_tuner(tuner: ModuleType) -> None:
 
     tuner.get_train_args = get_train_args_with_tpo
     tuner.run_dpo = run_dpo_or_tpo
+    return True
 
 
 def regularize_images(mm_plugin: Any, images: list[Any], processor: Any) -> list[Any]:
@@ -109,15 +118,27 @@ def regularize_images(mm_plugin: Any, images: list[Any], processor: Any) -> list
     )["images"]
 
 
-PATCHES: dict[str, Callable[[ModuleType], None]] = {
+# Each patch returns whether it was applied (False: deferred, it will be applied again later).
+PATCHES: dict[str, Callable[[ModuleType], bool]] = {
     "llamafactory.hparams.parser": patch_parser,
     "llamafactory.train.tuner": patch_tuner,
 }
+
+
+_deferred: dict[str, ModuleType] = {}
 
 
 def apply(module_name: str, module: ModuleType) -> None:
     """Apply the patch for ``module_name`` once; a second call for the same module does nothing."""
     if getattr(module, _PATCHED_MARK, False):
         return
-    PATCHES[module_name](module)
-    setattr(module, _PATCHED_MARK, True)
+    if PATCHES[module_name](module):
+        setattr(module, _PATCHED_MARK, True)
+    else:
+        _deferred[module_name] = module
+
+
+def apply_deferred() -> None:
+    """Apply the patches that had to wait for a plugin module to finish importing."""
+    while _deferred:
+        apply(*_deferred.popitem())

@@ -52,13 +52,20 @@ FAMILIES = {"qwen2_vl": "qwen2_vl", "llava": "llava"}
 _MARKER = "tiny_model.json"
 _BUILD_VERSION = 1
 
+# An upper bound: the corpus runs out of merges first, at about 520 tokens (256 of them single bytes).
 _VOCAB_SIZE = 768
 _PATCH_SIZE = 14
 _LLAVA_IMAGE_SIZE = 2 * _PATCH_SIZE  # 2 x 2 patches: 4 image tokens per image, the CLS token dropped
 
 # Text model shared by both families: 4 heads of 32 dimensions, so Qwen2-VL's M-RoPE has 16 frequencies
 # to split between time, height and width.
-_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+_TEXT = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 _MAX_POSITIONS = 2048
 
 _QWEN2_VL_SPECIAL_TOKENS = [
@@ -102,8 +109,10 @@ _SENTENCES = [
 # Chat-template boilerplate and prompts of the tests, so that they encode to few tokens.
 _FIXED_TEXT = [
     "You are a helpful assistant.",
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    (
+        "A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions."
+    ),
     "system\nuser\nassistant\nUSER: ASSISTANT:",
     "What is in the picture? What colour is it? Describe the image. What shape do you see?",
     "Yes. No. It is small. It is large. The picture is empty. A red ball and a dog.",
@@ -114,40 +123,31 @@ def build_tiny_model(family: str, output_dir: str | os.PathLike, seed: int = 0) 
     """Build a tiny random-weight model, its tokenizer and processor into ``output_dir``; return the directory.
 
     The directory loads with ``AutoModelForImageTextToText``, ``AutoTokenizer`` and ``AutoProcessor`` and
-    trains with LLaMA-Factory under the template ``FAMILIES[family]``. Weights depend only on ``seed``
-    (the caller's torch RNG state is left untouched). A directory that already holds a complete build of
-    the same family, seed and builder version is returned as it is, so tests can share one build.
+    trains with LLaMA-Factory under the template ``FAMILIES[family]``. The files depend only on
+    ``family`` and ``seed``, byte for byte, and the caller's torch RNG state is left untouched. A
+    directory that already holds a complete build of the same family, seed and builder version is
+    returned as it is, so tests can share one build; anything else there of an earlier build is replaced.
     """
     if family not in FAMILIES:
         raise ValueError(f"Unknown family {family!r}; expected one of {sorted(FAMILIES)}.")
 
     output_dir = pathlib.Path(output_dir)
-    marker = {"family": family, "seed": seed, "version": _BUILD_VERSION}
-    if _read_marker(output_dir) == marker:
+    identity = {"family": family, "seed": seed, "version": _BUILD_VERSION}
+    if _is_complete(output_dir, identity):
         return output_dir
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / _MARKER).unlink(missing_ok=True)  # the files about to change no longer match it
-    build = _build_qwen2_vl if family == "qwen2_vl" else _build_llava
+    _remove_previous_build(output_dir, identity)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model, processor = build()
+        model, processor = _BUILDERS[family]()
 
-    # Save next to the target and move file by file: each file then appears whole, and a concurrent
-    # build of the same seed (pytest-xdist) writes identical bytes.
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".building-") as staging:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        for path in pathlib.Path(staging).iterdir():
-            os.replace(path, output_dir / path.name)
-
-    _write_json_atomically(output_dir / _MARKER, marker)
+    files = _save(model, processor, output_dir)
+    _write_json_atomically(output_dir / _MARKER, {**identity, "files": files})
     return output_dir
 
 
-def make_demo_images(
-    output_dir: str | os.PathLike, count: int, size: int = 56, seed: int = 0
-) -> list[pathlib.Path]:
+def make_demo_images(output_dir: str | os.PathLike, count: int, size: int = 56, seed: int = 0) -> list[pathlib.Path]:
     """Draw ``count`` PNGs of one coloured shape each on a light background; return their paths.
 
     The content is in the file name, ``{index:03d}-{colour}-{shape}.png`` (for example
@@ -232,16 +232,16 @@ def _build_qwen2_vl() -> tuple[Qwen2VLForConditionalGeneration, Qwen2VLProcessor
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ),
-        vision_config=dict(
-            depth=2,
-            embed_dim=64,
-            num_heads=4,
-            mlp_ratio=2,
-            hidden_size=_TEXT["hidden_size"],  # the merger projects straight into the text model
-            patch_size=_PATCH_SIZE,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
+        vision_config={
+            "depth": 2,
+            "embed_dim": 64,
+            "num_heads": 4,
+            "mlp_ratio": 2,
+            "hidden_size": _TEXT["hidden_size"],  # the merger projects straight into the text model
+            "patch_size": _PATCH_SIZE,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -249,7 +249,7 @@ def _build_qwen2_vl() -> tuple[Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     )
     # At least 2 x 2 merged tokens, at most 4 x 4: a 56 x 56 image gives 4 tokens, a large one 16.
     merged = (_PATCH_SIZE * 2) ** 2
-    pixels = dict(min_pixels=4 * merged, max_pixels=16 * merged)
+    pixels = {"min_pixels": 4 * merged, "max_pixels": 16 * merged}
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(**pixels),
         tokenizer=tokenizer,
@@ -323,16 +323,59 @@ def _build_llava() -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     return LlavaForConditionalGeneration(config), processor
 
 
+_BUILDERS = {"qwen2_vl": _build_qwen2_vl, "llava": _build_llava}
+
+
+def _save(model, processor, output_dir: pathlib.Path) -> list[str]:
+    """Save model, tokenizer and processor; return the names of the files written.
+
+    Everything is saved into a staging directory first and then moved file by file: each file appears
+    whole, and a concurrent build of the same seed (pytest-xdist) only swaps in identical bytes.
+    """
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".building-") as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)  # the tokenizer too
+        names = sorted(path.name for path in pathlib.Path(staging).iterdir())
+        for name in names:
+            os.replace(pathlib.Path(staging, name), output_dir / name)
+    return names
+
+
+def _is_complete(output_dir: pathlib.Path, identity: dict) -> bool:
+    """Whether ``output_dir`` holds a finished build of ``identity``, all its files still present."""
+    marker = _read_marker(output_dir)
+    if marker is None or {key: marker.get(key) for key in identity} != identity:
+        return False
+    files = marker.get("files") or []
+    return bool(files) and all((output_dir / name).is_file() for name in files)
+
+
+def _remove_previous_build(output_dir: pathlib.Path, identity: dict) -> None:
+    """Drop the marker first (the directory is about to change), then the files of the build it recorded.
+
+    Another family may write files this one does not, and those must not linger beside the new build. A
+    build of the same identity is left alone: it is about to be overwritten with identical bytes, and it
+    may be a concurrent builder's finished work that a reader is already using.
+    """
+    previous = _read_marker(output_dir) or {}
+    if {key: previous.get(key) for key in identity} == identity:
+        return
+    (output_dir / _MARKER).unlink(missing_ok=True)
+    for name in previous.get("files") or []:
+        (output_dir / name).unlink(missing_ok=True)
+
+
 def _read_marker(output_dir: pathlib.Path) -> dict | None:
     """The marker of a finished build in ``output_dir``, or None if there is none or it is unreadable."""
     try:
-        return json.loads((output_dir / _MARKER).read_text())
+        marker = json.loads((output_dir / _MARKER).read_text())
     except (OSError, ValueError):
         return None
+    return marker if isinstance(marker, dict) else None
 
 
 def _write_json_atomically(path: pathlib.Path, payload: dict) -> None:
     """Write through a temporary file and rename it, so a reader never sees half a marker."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(payload))
+    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True))
     os.replace(temporary, path)
