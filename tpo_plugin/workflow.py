@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from .hparams import TPOFinetuningArguments
 
 
-logger = logging.get_logger(__name__)
+# A child of LLaMA-Factory's logger, so TPO's messages share its handler, format and rank filtering.
+logger = logging.get_logger("llamafactory.train.tpo")
 
 PLOT_KEYS = [
     "loss",
@@ -46,6 +47,13 @@ def run_tpo(
     finetuning_args: "TPOFinetuningArguments",
     callbacks: Optional[list["TrainerCallback"]] = None,
 ):
+    logger.info(
+        f"Stage tpo on rank {training_args.process_index}: noise_step={finetuning_args.tpo_noise_step}, "
+        f"corruption={finetuning_args.tpo_corruption}, reward_on={finetuning_args.tpo_reward_on}, "
+        f"reward_offset={finetuning_args.tpo_reward_offset}, score={finetuning_args.tpo_score}, "
+        f"detach_reward={finetuning_args.tpo_detach_reward}, pref_loss={finetuning_args.pref_loss}, "
+        f"pref_beta={finetuning_args.pref_beta}."
+    )
     check_ranking_datasets(data_args)
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]

@@ -1,0 +1,170 @@
+"""Shared fixtures: tiny local models, tiny preference datasets, and runners for LLaMA-Factory's CLI.
+
+Nothing is downloaded: models are built from configs with a locally trained tokenizer
+(:mod:`tpo_plugin.tiny_models`), images are drawn with PIL.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+import yaml
+from PIL import Image, ImageDraw
+
+from tpo_plugin.tiny_models import build_tiny_model
+
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "DISABLE_VERSION_CHECK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+    "WANDB_DISABLED": "true",
+}
+os.environ.update(OFFLINE_ENV)
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40)}
+SHAPES = ("ball", "box")
+
+
+def draw(colour: str, shape: str, size: int = 56) -> Image.Image:
+    image = Image.new("RGB", (size, size), (250, 250, 250))
+    box = (size // 4, size // 4, 3 * size // 4, 3 * size // 4)
+    paint = ImageDraw.Draw(image)
+    (paint.ellipse if shape == "ball" else paint.rectangle)(box, fill=COLOURS[colour])
+    return image
+
+
+def preference_rows(image_dir: Path, count: int, with_images: bool = True) -> list[dict[str, Any]]:
+    rows = []
+    for index in range(count):
+        colour, shape = list(COLOURS)[index % len(COLOURS)], SHAPES[index % len(SHAPES)]
+        prompt = "What is in the picture?"
+        row = {
+            "conversations": [{"from": "human", "value": ("<image>" if with_images else "") + prompt}],
+            "chosen": {"from": "gpt", "value": f"A {colour} {shape}."},
+            "rejected": {"from": "gpt", "value": f"A {colour} {shape} and a dog."},
+        }
+        if with_images:
+            path = image_dir / f"{index}.png"
+            draw(colour, shape).save(path)
+            row["images"] = [f"img/{index}.png"]
+        rows.append(row)
+    return rows
+
+
+PAIR_COLUMNS = {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "images": "images"}
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory) -> Path:
+    """A dataset_dir with: tiny_pairs (8 image pairs), one_pair, mixed_pairs (2 of 6 without image),
+    text_pairs (no image at all) and tiny_sft (not a ranking dataset)."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "img").mkdir()
+    pairs = preference_rows(root / "img", 8)
+    mixed = pairs[:4] + preference_rows(root / "img", 2, with_images=False)
+    text_pairs = preference_rows(root / "img", 4, with_images=False)
+    sft = [{"conversations": r["conversations"] + [r["chosen"]], "images": r["images"]} for r in pairs]
+    files = {
+        "pairs.json": pairs,
+        "one_pair.json": pairs[:1],
+        "mixed.json": mixed,
+        "text_pairs.json": text_pairs,
+        "sft.json": sft,
+    }
+    for name, rows in files.items():
+        (root / name).write_text(json.dumps(rows, indent=1))
+
+    info = {
+        "tiny_pairs": {"file_name": "pairs.json", "formatting": "sharegpt", "ranking": True, "columns": PAIR_COLUMNS},
+        "one_pair": {"file_name": "one_pair.json", "formatting": "sharegpt", "ranking": True, "columns": PAIR_COLUMNS},
+        "mixed_pairs": {"file_name": "mixed.json", "formatting": "sharegpt", "ranking": True, "columns": PAIR_COLUMNS},
+        "text_pairs": {
+            "file_name": "text_pairs.json",
+            "formatting": "sharegpt",
+            "ranking": True,
+            "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
+        },
+        "tiny_sft": {
+            "file_name": "sft.json",
+            "formatting": "sharegpt",
+            "columns": {"messages": "conversations", "images": "images"},
+        },
+    }
+    (root / "dataset_info.json").write_text(json.dumps(info, indent=1))
+    return root
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {family: build_tiny_model(family, root / family) for family in ("qwen2_vl", "llava")}
+
+
+TEMPLATES = {"qwen2_vl": "qwen2_vl", "llava": "llava"}
+
+
+def train_config(model_dir: Path, family: str, dataset_dir: Path, output_dir: Path, **overrides) -> dict[str, Any]:
+    """A minimal two-step TPO recipe on the tiny model; keys as in a user's YAML."""
+    config = {
+        "model_name_or_path": str(model_dir),
+        "stage": "tpo",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "lora_target": "all",
+        "dataset": "tiny_pairs",
+        "dataset_dir": str(dataset_dir),
+        "template": TEMPLATES[family],
+        "cutoff_len": 256,
+        "preprocessing_num_workers": 1,
+        "output_dir": str(output_dir),
+        "overwrite_output_dir": True,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 2,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "plot_loss": True,
+        "seed": 7,
+    }
+    config.update(overrides)
+    return config
+
+
+def write_yaml(path: Path, config: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(
+    args: list[str], cwd: Path, extra_env: Optional[dict[str, str]] = None, timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run ``llamafactory-cli`` of this environment, as a user would, and return its output."""
+    env = {**os.environ, **OFFLINE_ENV, **(extra_env or {})}
+    cli = Path(sys.executable).with_name("llamafactory-cli")
+    result = subprocess.run(
+        [str(cli), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"llamafactory-cli {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+    return result
+
+
+def log_history(output_dir: Path) -> list[dict[str, Any]]:
+    return json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+
+
+def train_logs(output_dir: Path) -> list[dict[str, Any]]:
+    """The per-step training log entries (those with a ``loss``)."""
+    return [entry for entry in log_history(output_dir) if "loss" in entry]
