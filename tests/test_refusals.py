@@ -1,0 +1,55 @@
+"""Data and options TPO cannot use are refused through LLaMA-Factory's ``run_exp`` with a message that
+names the problem, before the model is loaded and before anything that looks like a finished run."""
+
+import pytest
+
+from conftest import run_cli, train_config, write_yaml
+
+
+pytestmark = pytest.mark.e2e
+
+
+def run_exp_error(config) -> str:
+    from llamafactory.train.tuner import run_exp
+
+    with pytest.raises(ValueError) as error:
+        run_exp(args=config)
+    return str(error.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"template": "qwen"}, "Template `qwen` has no multimodal plugin for images, but stage tpo needs one"),
+        ({"dataset": "tiny_sft"}, "Dataset `tiny_sft` (sft.json) is not a ranking (preference) dataset"),
+        ({"dataset": "text_pairs"}, "No training pair has an image"),
+        ({"tpo_noise_step": 1000}, "`tpo_noise_step` must be an integer in 0..999, got 1000"),
+        ({"tpo_reward_on": "none"}, "`tpo_reward_on` must be one of both, chosen, rejected; got 'none'"),
+        ({"pref_loss": "orpo"}, "`pref_loss: orpo` is not supported by stage tpo"),
+        ({"stage": "dpo", "tpo_corruption": "blank"}, "`tpo_corruption: blank` is only used by `stage: tpo`"),
+    ],
+)
+def test_refused_before_training(overrides, message, model_dirs, dataset_dir, tmp_path):
+    output_dir = tmp_path / "out"
+    config = train_config(model_dirs["qwen2_vl"], "qwen2_vl", dataset_dir, output_dir, **overrides)
+    assert message in run_exp_error(config)
+    assert not (output_dir / "trainer_state.json").exists()
+    assert not any(output_dir.glob("*.safetensors")) if output_dir.exists() else True
+
+
+def test_cli_reports_invalid_value_of_override(model_dirs, dataset_dir, tmp_path):
+    config = train_config(model_dirs["qwen2_vl"], "qwen2_vl", dataset_dir, tmp_path / "out")
+    recipe = write_yaml(tmp_path / "tpo.yaml", config)
+    result = run_cli(["train", str(recipe), "tpo_score=prob"], cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "`tpo_score` must be one of logit, logprob; got 'prob'" in result.stderr
+
+
+def test_cli_argv_rejects_unknown_choice(model_dirs, dataset_dir, tmp_path):
+    result = run_cli(
+        ["train", "--stage", "tpo", "--tpo_corruption", "gaussian", "--model_name_or_path", str(model_dirs["llava"])],
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "--tpo_corruption" in result.stderr and "'diffusion', 'blank'" in result.stderr
