@@ -17,7 +17,6 @@ from PIL import Image, ImageDraw
 
 from tpo_plugin.tiny_models import build_tiny_model
 
-
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
@@ -153,11 +152,11 @@ def run_cli(
     """Run ``llamafactory-cli`` of this environment, as a user would, and return its output."""
     env = {**os.environ, **OFFLINE_ENV, **(extra_env or {})}
     cli = Path(sys.executable).with_name("llamafactory-cli")
-    result = subprocess.run(
-        [str(cli), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    result = subprocess.run([str(cli), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"llamafactory-cli {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
+        raise AssertionError(
+            f"llamafactory-cli {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        )
     return result
 
 

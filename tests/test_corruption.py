@@ -9,7 +9,6 @@ from PIL import Image
 
 from tpo_plugin.corruption import add_diffusion_noise, corrupt_image, noise_schedule, noise_seed
 
-
 # TPO_METHOD §1, reference values: k -> (sqrt(alpha_bar_k), sqrt(1 - alpha_bar_k))
 REFERENCE_SCHEDULE = {
     0: (1.0000, 0.0047),
@@ -44,7 +43,7 @@ def test_add_diffusion_noise_formula_and_clamp():
     alpha_bar = reference_alpha_bar(750)
     expected = [
         min(1.0, max(0.0, math.sqrt(alpha_bar) * v + math.sqrt(1 - alpha_bar) * e))
-        for v, e in zip(image.tolist(), noise.tolist())
+        for v, e in zip(image.tolist(), noise.tolist(), strict=True)
     ]
     assert add_diffusion_noise(image, noise, 750).tolist() == pytest.approx(expected, abs=1e-6)
     assert expected[3] == 1.0 and expected[4] == 0.0  # the example does exercise the clamp

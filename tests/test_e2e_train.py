@@ -7,13 +7,18 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import OFFLINE_ENV, log_history, run_cli, train_config, train_logs, write_yaml
-
 
 pytestmark = pytest.mark.e2e
 
-DPO_KEYS = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"]
+DPO_KEYS = [
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+]
 TPO_KEYS = ["tpo/score_chosen", "tpo/score_rejected", "tpo/weight_chosen", "tpo/weight_rejected"]
 
 
@@ -135,7 +140,11 @@ def test_same_seed_same_data_repeats_exactly(model_dirs, dataset_dir, tmp_path):
         output_dir = tmp_path / run
         config = train_config(model_dirs["qwen2_vl"], "qwen2_vl", dataset_dir, output_dir, max_steps=3)
         run_cli(["train", str(write_yaml(tmp_path / f"{run}.yaml", config))], cwd=tmp_path)
-        histories.append([{k: v for k, v in entry.items() if "runtime" not in k and "per_second" not in k}
-                          for entry in log_history(output_dir)])
+        histories.append(
+            [
+                {k: v for k, v in entry.items() if "runtime" not in k and "per_second" not in k}
+                for entry in log_history(output_dir)
+            ]
+        )
     assert histories[0] == histories[1]
     assert len({entry["tpo/score_chosen"] for entry in train_logs(tmp_path / "first")}) == 3

@@ -83,7 +83,9 @@ def test_tpo_keys_with_another_stage_are_refused():
 
 def test_argv_form_checks_choices():
     parser = HfArgumentParser([TPOFinetuningArguments])
-    (args,) = parser.parse_args_into_dataclasses(["--stage", "tpo", "--tpo_noise_step", "250", "--tpo_score", "logprob"])
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--stage", "tpo", "--tpo_noise_step", "250", "--tpo_score", "logprob"]
+    )
     assert (args.stage, args.tpo_noise_step, args.tpo_score) == ("tpo", 250, "logprob")
     with pytest.raises(SystemExit):
         parser.parse_args_into_dataclasses(["--stage", "tpo", "--tpo_corruption", "gaussian"])

@@ -9,11 +9,9 @@ import math
 
 import pytest
 import torch
+from conftest import run_cli, train_config, train_logs, write_yaml
 from PIL import Image
 from transformers import AutoModelForImageTextToText
-
-from conftest import run_cli, train_config, train_logs, write_yaml
-
 
 pytestmark = pytest.mark.e2e
 
@@ -31,7 +29,9 @@ def independent_chosen_token_scores(config: dict) -> torch.Tensor:
         "train_dataset"
     ]
     model = AutoModelForImageTextToText.from_pretrained(config["model_name_or_path"]).eval()
-    collator = PairwiseDataCollatorWithPadding(template=template, model=model, label_pad_token_id=-100, **tokenizer_module)
+    collator = PairwiseDataCollatorWithPadding(
+        template=template, model=model, label_pad_token_id=-100, **tokenizer_module
+    )
 
     white = Image.new("RGB", Image.open(pair["images"][0]).size, (255, 255, 255))
     target_logits = []

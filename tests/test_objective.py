@@ -172,7 +172,9 @@ def test_tpo_batch_loss_against_hand_computation(loss_type, score_kind, reward_o
 def test_pairs_without_image_train_as_plain_dpo():
     # two pairs; pair 1 has no image: its rows get weight 1 and score 0, so its loss is plain DPO
     mask = torch.ones(4, 2, dtype=torch.bool)
-    policy = TokenScores(torch.zeros(4, 2), torch.tensor([[-1.0, -1.0], [-0.5, -0.5], [-2.0, -2.0], [-1.5, -1.0]]), mask)
+    policy = TokenScores(
+        torch.zeros(4, 2), torch.tensor([[-1.0, -1.0], [-0.5, -0.5], [-2.0, -2.0], [-1.5, -1.0]]), mask
+    )
     corrupted = TokenScores(torch.full((4, 2), -3.0), torch.full((4, 2), -3.0), mask)
     ref = TokenScores(torch.zeros(4, 2), torch.full((4, 2), -1.0), mask)
     result = tpo_batch_loss(policy, corrupted, ref, corrupted, torch.tensor([True, False, True, False]), beta=1.0)

@@ -7,8 +7,8 @@ import sys
 import types
 
 import pytest
-
 from conftest import OFFLINE_ENV, log_history, run_cli, train_config, write_yaml
+
 from tpo_plugin import _bootstrap, patches
 
 
@@ -54,14 +54,17 @@ def test_install_by_hand_patches_modules_already_loaded():
         "print(parser._TRAIN_ARGS[3].__name__)"
     )
     # the hook is off at start-up; install() must still patch the parser that is already imported
-    code = code.replace("tpo_plugin.install()", "import os; os.environ.pop('TPO_PLUGIN_DISABLE'); tpo_plugin.install()")
+    code = code.replace(
+        "tpo_plugin.install()", "import os; os.environ.pop('TPO_PLUGIN_DISABLE'); tpo_plugin.install()"
+    )
     assert last_line(python(code, TPO_PLUGIN_DISABLE="1")) == "TPOFinetuningArguments"
 
 
 def test_patch_guards_name_the_supported_version():
     with pytest.raises(patches.IncompatibleLlamaFactoryError, match=r"tuner.run_dpo.*LLaMA-Factory 0\.9\.5"):
-        patches.patch_tuner(types.SimpleNamespace(__name__="llamafactory.train.tuner", _training_function=None,
-                                                  get_train_args=None))
+        patches.patch_tuner(
+            types.SimpleNamespace(__name__="llamafactory.train.tuner", _training_function=None, get_train_args=None)
+        )
 
     parser_without_finetuning_args = types.ModuleType("llamafactory.hparams.parser")
     parser_without_finetuning_args._TRAIN_ARGS = [object]
@@ -91,7 +94,9 @@ def test_other_stages_train_exactly_as_without_the_plugin(stage, model_dirs, dat
         if stage == "sft":
             config["dataset"] = "tiny_sft"
         recipe = write_yaml(tmp_path / f"{plugin}.yaml", config)
-        run_cli(["train", str(recipe)], cwd=tmp_path, extra_env={"TPO_PLUGIN_DISABLE": "1" if plugin == "off" else "0"})
+        run_cli(
+            ["train", str(recipe)], cwd=tmp_path, extra_env={"TPO_PLUGIN_DISABLE": "1" if plugin == "off" else "0"}
+        )
         histories[plugin] = [
             {k: v for k, v in entry.items() if "runtime" not in k and "per_second" not in k}
             for entry in log_history(output_dir)

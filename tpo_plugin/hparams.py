@@ -25,7 +25,9 @@ class TPOArguments:
 
     tpo_noise_step: int = field(
         default=500,
-        metadata={"help": "Diffusion step k of the image corruption, an integer in 0-999 (TPO_METHOD §1). Default 500."},
+        metadata={
+            "help": "Diffusion step k of the image corruption, an integer in 0-999 (TPO_METHOD §1). Default 500."
+        },
     )
     tpo_corruption: Literal["diffusion", "blank"] = field(
         default="diffusion",
@@ -36,7 +38,9 @@ class TPOArguments:
     )
     tpo_reward_offset: float = field(
         default=0.5,
-        metadata={"help": "Offset a of the token weight c = a + sigmoid(±s), a float >= 0 (TPO_METHOD §3). Default 0.5."},
+        metadata={
+            "help": "Offset a of the token weight c = a + sigmoid(±s), a float >= 0 (TPO_METHOD §3). Default 0.5."
+        },
     )
     tpo_reward_on: Literal["both", "chosen", "rejected"] = field(
         default="both",
@@ -111,7 +115,8 @@ class TPOFinetuningArguments(FinetuningArguments, TPOArguments):
         self.use_ref_model = True
         if self.pref_loss not in TPO_PREF_LOSSES:
             raise ValueError(
-                f"`pref_loss: {self.pref_loss}` is not supported by stage tpo; use one of {', '.join(TPO_PREF_LOSSES)}."
+                f"`pref_loss: {self.pref_loss}` is not supported by stage tpo; "
+                f"use one of {', '.join(TPO_PREF_LOSSES)}."
             )
 
         if self.pref_loss != "sigmoid" and self.dpo_label_smoothing > 1e-6:

@@ -36,7 +36,8 @@ def _require(module: ModuleType, attribute: str) -> Any:
         raise IncompatibleLlamaFactoryError(
             f"tpo-plugin expects `{module.__name__}.{attribute}`, which LLaMA-Factory {version} does not have; "
             f"the plugin was written for LLaMA-Factory {SUPPORTED_LLAMAFACTORY}. "
-            f"Install llamafactory=={SUPPORTED_LLAMAFACTORY}, or set {_bootstrap.DISABLE_ENV}=1 to turn the plugin off."
+            f"Install llamafactory=={SUPPORTED_LLAMAFACTORY}, "
+            f"or set {_bootstrap.DISABLE_ENV}=1 to turn the plugin off."
         )
     return getattr(module, attribute)
 
@@ -84,6 +85,8 @@ def patch_tuner(tuner: ModuleType) -> bool:
     def get_train_args_with_tpo(*args, **kwargs):
         model_args, data_args, training_args, finetuning_args, generating_args = get_train_args(*args, **kwargs)
         if finetuning_args.stage == "tpo":
+            if getattr(finetuning_args, "use_mca", False):  # the chain would pick Megatron's DPO instead
+                raise ValueError("stage tpo does not support USE_MCA (Megatron-Core) training; unset USE_MCA.")
             finetuning_args.stage = "dpo"  # the dispatch chain knows no "tpo"; run_dpo_or_tpo restores it
             finetuning_args.tpo_routed = True
         return model_args, data_args, training_args, finetuning_args, generating_args

@@ -6,7 +6,7 @@ with the same options as ``stage: dpo``.
 """
 
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import torch
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
@@ -36,7 +36,23 @@ class CustomTPOTrainer(CustomDPOTrainer):
     ) -> tuple[TokenScores, torch.Tensor]:
         """One forward pass: per-token target scores and each row's mean logit (LLaMA-Factory's `logits/*`)."""
         logits = model(**inputs, return_dict=True, use_cache=False).logits
-        return target_token_scores(logits, labels), logits.detach().float().mean(dim=(1, 2))
+        return target_token_scores(logits, labels), logits.detach().mean(dim=(1, 2), dtype=torch.float32)
+
+    def _reference_token_scores(
+        self, model: "PreTrainedModel", inputs: dict[str, Any], corrupted_inputs: Optional[dict[str, Any]], labels
+    ) -> tuple[TokenScores, Optional[TokenScores]]:
+        """The reference model's clean and corrupted passes: a frozen copy, or the policy without its adapter."""
+        if self.ref_model is None:
+            ref_model, ref_context = model, self.accelerator.unwrap_model(model).disable_adapter()
+        else:
+            ref_model, ref_context = self.ref_model, nullcontext()
+
+        with torch.no_grad(), ref_context:
+            clean, _ = self._token_scores(ref_model, inputs, labels)
+            corrupted = (
+                None if corrupted_inputs is None else self._token_scores(ref_model, corrupted_inputs, labels)[0]
+            )
+        return clean, corrupted
 
     @override
     def get_batch_loss_metrics(
@@ -62,20 +78,10 @@ class CustomTPOTrainer(CustomDPOTrainer):
         policy_clean, policy_mean_logits = self._token_scores(model, inputs, labels)
         policy_corrupted = None
         if corrupted_inputs is not None:
-            with torch.no_grad() if args.tpo_detach_reward else nullcontext():
+            with torch.no_grad() if args.tpo_detach_reward else nullcontext():  # c^theta detached: no graph
                 policy_corrupted, _ = self._token_scores(model, corrupted_inputs, labels)
 
-        if self.ref_model is None:
-            ref_model, ref_context = model, self.accelerator.unwrap_model(model).disable_adapter()
-        else:
-            ref_model, ref_context = self.ref_model, nullcontext()
-
-        with torch.no_grad(), ref_context:
-            ref_clean, _ = self._token_scores(ref_model, inputs, labels)
-            ref_corrupted = None
-            if corrupted_inputs is not None:
-                ref_corrupted, _ = self._token_scores(ref_model, corrupted_inputs, labels)
-
+        ref_clean, ref_corrupted = self._reference_token_scores(model, inputs, corrupted_inputs, labels)
         result = tpo_batch_loss(
             policy_clean,
             policy_corrupted,

@@ -137,12 +137,12 @@ def run_tpo(
 def check_ranking_datasets(data_args: "DataArguments") -> None:
     """TPO trains on preference pairs: every dataset must be marked ``"ranking": true``."""
     for names in (data_args.dataset, data_args.eval_dataset):
-        for name, dataset_attr in zip(names or [], get_dataset_list(names, data_args.dataset_dir)):
+        for name, dataset_attr in zip(names or [], get_dataset_list(names, data_args.dataset_dir), strict=True):
             if not dataset_attr.ranking:
                 raise ValueError(
-                    f"Dataset `{name}` ({dataset_attr}) is not a ranking (preference) dataset, but stage tpo trains on "
-                    f"chosen/rejected pairs: mark it `\"ranking\": true` in {data_args.dataset_dir}/dataset_info.json "
-                    "and give it `chosen` and `rejected` columns."
+                    f"Dataset `{name}` ({dataset_attr}) is not a ranking (preference) dataset, but stage tpo "
+                    'trains on chosen/rejected pairs: mark it `"ranking": true` in '
+                    f"{data_args.dataset_dir}/dataset_info.json and give it `chosen` and `rejected` columns."
                 )
 
 
