@@ -1,0 +1,46 @@
+"""Exact resume: the steps after a resume from a checkpoint log the same losses and TPO metrics as the
+uninterrupted run, because the corrupted images are keyed by seed, global step and image."""
+
+import pytest
+
+from conftest import run_cli, train_config, train_logs, write_yaml
+
+
+pytestmark = pytest.mark.e2e
+
+COMPARED = ["loss", "rewards/margins", "logps/chosen", "tpo/score_chosen", "tpo/score_rejected", "tpo/weight_chosen"]
+
+
+FULL_RESUME_BUG = pytest.mark.xfail(
+    strict=True,
+    reason="transformers 5.6's Trainer reloads a full Qwen2-VL checkpoint without its key mapping, so the resumed "
+    "policy restarts from the initial weights; LLaMA-Factory's stage: dpo is hit the same way",
+)
+
+
+@pytest.mark.parametrize("finetuning_type", ["lora", pytest.param("full", marks=FULL_RESUME_BUG)])
+def test_resumed_steps_equal_uninterrupted_steps(finetuning_type, model_dirs, dataset_dir, tmp_path):
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, finetuning_type=finetuning_type)
+    if finetuning_type == "full":
+        common["lora_target"] = None
+    uninterrupted = tmp_path / "uninterrupted"
+    config = train_config(model_dirs["qwen2_vl"], "qwen2_vl", dataset_dir, uninterrupted, **common)
+    run_cli(["train", str(write_yaml(tmp_path / "a.yaml", config))], cwd=tmp_path)
+
+    resumed = tmp_path / "resumed"
+    config = train_config(
+        model_dirs["qwen2_vl"],
+        "qwen2_vl",
+        dataset_dir,
+        resumed,
+        resume_from_checkpoint=str(uninterrupted / "checkpoint-2"),
+        **common,
+    )
+    run_cli(["train", str(write_yaml(tmp_path / "b.yaml", config))], cwd=tmp_path)
+
+    expected = {entry["step"]: entry for entry in train_logs(uninterrupted)}
+    after_resume = [entry for entry in train_logs(resumed) if entry["step"] > 2]
+    assert [entry["step"] for entry in after_resume] == [3, 4]
+    for entry in after_resume:
+        for key in COMPARED:
+            assert entry[key] == pytest.approx(expected[entry["step"]][key], abs=1e-5), (entry["step"], key)
