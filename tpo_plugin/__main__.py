@@ -1,0 +1,6 @@
+import sys
+
+from tpo_plugin.cli import main
+
+
+sys.exit(main())

@@ -1,0 +1,33 @@
+"""``tpo-plugin`` / ``python -m tpo_plugin``: the plugin's own commands.
+
+Training itself is ``llamafactory-cli train``; these commands only prepare data, run the offline demo and
+run ablation sweeps, each through ``llamafactory-cli train``.
+"""
+
+import argparse
+import importlib
+from typing import Optional
+
+
+# sub-command -> module defining ``add_arguments(parser)`` and ``run(args) -> int``. The modules import
+# nothing heavy at module level, so ``--help`` stays instant.
+COMMANDS = {
+    "demo": ("tpo_plugin.demo", "train TPO on the shipped demo set with a tiny local model (offline, ~1 min on CPU)"),
+    "sweep": ("tpo_plugin.sweep", "run a recipe once per value of a key and tabulate the final metrics"),
+    "convert": ("tpo_plugin.convert", "convert RLHF-V / RLAIF-V files to LLaMA-Factory's preference format"),
+}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tpo-plugin", description="tpo-plugin's own commands; training itself is `llamafactory-cli train`."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(subparser)
+        subparser.set_defaults(run=module.run)
+
+    args = parser.parse_args(argv)
+    return args.run(args)
