@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 
 from tpo_plugin.tiny_models import build_tiny_model
 
+
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
@@ -66,14 +67,24 @@ PAIR_COLUMNS = {"messages": "conversations", "chosen": "chosen", "rejected": "re
 @pytest.fixture(scope="session")
 def dataset_dir(tmp_path_factory) -> Path:
     """A dataset_dir with: tiny_pairs (8 image pairs), one_pair, mixed_pairs (2 of 6 without image),
-    text_pairs (no image at all) and tiny_sft (not a ranking dataset)."""
+    text_pairs (no image at all), tiny_sft (not a ranking dataset) and broken_pairs (samples 0-3 each
+    broken in one way: missing image, undecodable image, placeholder count, empty rejected answer)."""
     root = tmp_path_factory.mktemp("data")
     (root / "img").mkdir()
     pairs = preference_rows(root / "img", 8)
     mixed = pairs[:4] + preference_rows(root / "img", 2, with_images=False)
     text_pairs = preference_rows(root / "img", 4, with_images=False)
     sft = [{"conversations": r["conversations"] + [r["chosen"]], "images": r["images"]} for r in pairs]
+    (root / "img" / "broken.png").write_bytes(b"this is not a png")
+    broken = [
+        {**pairs[0], "images": ["img/missing.png"]},
+        {**pairs[1], "images": ["img/broken.png"]},
+        {**pairs[2], "conversations": [{"from": "human", "value": "<image><image>Compare the pictures."}]},
+        {**pairs[3], "rejected": {"from": "gpt", "value": "  "}},
+        pairs[4],
+    ]
     files = {
+        "broken_pairs.json": broken,
         "pairs.json": pairs,
         "one_pair.json": pairs[:1],
         "mixed.json": mixed,
@@ -86,6 +97,12 @@ def dataset_dir(tmp_path_factory) -> Path:
     info = {
         "tiny_pairs": {"file_name": "pairs.json", "formatting": "sharegpt", "ranking": True, "columns": PAIR_COLUMNS},
         "one_pair": {"file_name": "one_pair.json", "formatting": "sharegpt", "ranking": True, "columns": PAIR_COLUMNS},
+        "broken_pairs": {
+            "file_name": "broken_pairs.json",
+            "formatting": "sharegpt",
+            "ranking": True,
+            "columns": PAIR_COLUMNS,
+        },
         "mixed_pairs": {"file_name": "mixed.json", "formatting": "sharegpt", "ranking": True, "columns": PAIR_COLUMNS},
         "text_pairs": {
             "file_name": "text_pairs.json",

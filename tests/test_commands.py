@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import OFFLINE_ENV, train_config, train_logs, write_yaml
 
 
@@ -25,7 +24,12 @@ def test_demo_trains_and_reports_where_everything_is(tmp_path):
     assert result.returncode == 0, result.stderr[-6000:]
 
     run_dir = tmp_path / "demo" / "run"
-    for name in ["adapter_model.safetensors", "all_results.json", "training_loss.png", "training_tpo_weight_chosen.png"]:
+    for name in [
+        "adapter_model.safetensors",
+        "all_results.json",
+        "training_loss.png",
+        "training_tpo_weight_chosen.png",
+    ]:
         assert (run_dir / name).is_file(), name
         assert str(run_dir) in result.stdout
     assert "TPO demo finished." in result.stdout

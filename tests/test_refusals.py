@@ -4,6 +4,7 @@ names the problem, before the model is loaded and before anything that looks lik
 import pytest
 from conftest import run_cli, train_config, write_yaml
 
+
 pytestmark = pytest.mark.e2e
 
 
@@ -51,3 +52,14 @@ def test_cli_argv_rejects_unknown_choice(model_dirs, dataset_dir, tmp_path):
     )
     assert result.returncode != 0
     assert "--tpo_corruption" in result.stderr and "'diffusion', 'blank'" in result.stderr
+
+
+def test_bad_samples_are_named_before_the_model_loads(model_dirs, dataset_dir, tmp_path):
+    config = train_config(model_dirs["qwen2_vl"], "qwen2_vl", dataset_dir, tmp_path / "out", dataset="broken_pairs")
+    message = run_exp_error(config)
+    assert "The preference data has 4 problem(s)" in message
+    assert "dataset `broken_pairs`, sample 0: image `img/missing.png` does not exist" in message
+    assert "dataset `broken_pairs`, sample 1: image `" in message and "broken.png` cannot be decoded" in message
+    assert "dataset `broken_pairs`, sample 2: has 2 <image> placeholder(s) but 1 image(s)" in message
+    assert "dataset `broken_pairs`, sample 3: field `rejected` is empty" in message
+    assert "sample 4" not in message

@@ -99,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
 
 def summary(run_dir: Path, recipe: Path) -> str:
     results = json.loads((run_dir / "all_results.json").read_text())
-    steps = [entry for entry in json.loads((run_dir / "trainer_state.json").read_text())["log_history"] if "loss" in entry]
+    steps = [
+        entry for entry in json.loads((run_dir / "trainer_state.json").read_text())["log_history"] if "loss" in entry
+    ]
     first, last = steps[0], steps[-1]
     plots = sorted(path.name for path in run_dir.glob("training_*.png"))
     rows = [

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from . import _bootstrap
 
+
 SUPPORTED_LLAMAFACTORY = "0.9.5"
 _PATCHED_MARK = "_tpo_plugin_patched"
 
@@ -119,6 +120,16 @@ def regularize_images(mm_plugin: Any, images: list[Any], processor: Any) -> list
         image_max_pixels=getattr(processor, "image_max_pixels", 768 * 768),
         image_min_pixels=getattr(processor, "image_min_pixels", 32 * 32),
     )["images"]
+
+
+def aligned_datasets(dataset_names: list[str] | None, model_args: Any, data_args: Any, training_args: Any) -> dict:
+    """Each dataset as LLaMA-Factory aligns it before tokenising (``_prompt``, ``_response``, ``_images`` ...)."""
+    from llamafactory.data import loader
+
+    if not dataset_names:
+        return {}
+    merged = _require(loader, "_get_merged_dataset")
+    return merged(dataset_names, model_args, data_args, training_args, stage="rm", return_dict=True)
 
 
 # Each patch returns whether it was applied (False: deferred, it will be applied again later).

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
 from llamafactory.data.parser import get_dataset_list
 from llamafactory.extras import logging
-from llamafactory.extras.constants import IGNORE_INDEX
+from llamafactory.extras.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from llamafactory.extras.misc import calculate_tps
 from llamafactory.extras.ploting import plot_loss
 from llamafactory.model import load_model, load_tokenizer
@@ -18,6 +18,9 @@ from llamafactory.train.trainer_utils import create_modelcard_and_push, create_r
 
 from .collator import TPODataCollatorWithPadding
 from .corruption import ImageCorrupter
+from .patches import aligned_datasets
+from .validation import check_preference_data
+
 
 if TYPE_CHECKING:
     from llamafactory.hparams import DataArguments, ModelArguments
@@ -59,8 +62,8 @@ def run_tpo(
     tokenizer = tokenizer_module["tokenizer"]
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     check_image_template(template, data_args.template)
+    check_pairs(model_args, data_args, training_args)
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="rm", **tokenizer_module)
-    check_pairs_have_images(dataset_module)
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
 
     image_corrupter = ImageCorrupter(
@@ -155,20 +158,22 @@ def check_image_template(template: Any, template_name: Optional[str]) -> None:
         )
 
 
-def check_pairs_have_images(dataset_module: dict[str, Any]) -> None:
-    """Refuse image-free training data; pairs without an image train as plain DPO pairs (weight 1)."""
-    dataset = dataset_module.get("train_dataset")
-    if dataset is None or getattr(dataset, "column_names", None) is None:  # streaming: cannot count up front
-        return
+def check_pairs(model_args: "ModelArguments", data_args: "DataArguments", training_args: Any) -> None:
+    """Refuse bad samples (named) and image-free training data; image-less pairs train as DPO pairs (weight 1)."""
+    for split, names in (("training", data_args.dataset), ("evaluation", data_args.eval_dataset)):
+        datasets = aligned_datasets(names, model_args, data_args, training_args)
+        if any(getattr(dataset, "column_names", None) is None for dataset in datasets.values()):
+            logger.warning_rank0(f"The {split} data is streamed, so stage tpo cannot check it before training.")
+            continue
 
-    images = [row_images or [] for row_images in dataset["images"]] if "images" in dataset.column_names else []
-    without_image = sum(1 for row_images in images if len(row_images) == 0)
-    if without_image == len(images):
-        raise ValueError(
-            "No training pair has an image, but stage tpo weights tokens by how much they depend on the image; "
-            "check the `images` column of the dataset, or train with `stage: dpo`."
-        )
-    if without_image:
-        logger.warning_rank0(
-            f"{without_image} of {len(images)} training pairs have no image; they train as plain DPO pairs (weight 1)."
-        )
+        num_pairs, without_image = check_preference_data(datasets, IMAGE_PLACEHOLDER)
+        if split == "training" and num_pairs and without_image == num_pairs:
+            raise ValueError(
+                "No training pair has an image, but stage tpo weights tokens by how much they depend on the image; "
+                "check the `images` column of the dataset, or train with `stage: dpo`."
+            )
+        if without_image:
+            logger.warning_rank0(
+                f"{without_image} of {num_pairs} {split} pairs have no image; "
+                "they train as plain DPO pairs (weight 1)."
+            )
