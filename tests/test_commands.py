@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import OFFLINE_ENV, train_config, train_logs, write_yaml
 
 

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import OFFLINE_ENV, log_history, run_cli, train_config, train_logs, write_yaml
+
 
 pytestmark = pytest.mark.e2e
 

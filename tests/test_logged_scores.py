@@ -9,9 +9,11 @@ import math
 
 import pytest
 import torch
-from conftest import run_cli, train_config, train_logs, write_yaml
 from PIL import Image
 from transformers import AutoModelForImageTextToText
+
+from conftest import run_cli, train_config, train_logs, write_yaml
+
 
 pytestmark = pytest.mark.e2e
 

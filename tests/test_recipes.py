@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import TEMPLATES, log_history, run_cli, write_yaml
 
 from tpo_plugin.hparams import tpo_defaults
+
+from conftest import TEMPLATES, log_history, run_cli, write_yaml
+
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = ROOT / "recipes"

@@ -2,6 +2,7 @@
 names the problem, before the model is loaded and before anything that looks like a finished run."""
 
 import pytest
+
 from conftest import run_cli, train_config, write_yaml
 
 

@@ -7,9 +7,10 @@ import sys
 import types
 
 import pytest
-from conftest import OFFLINE_ENV, log_history, run_cli, train_config, write_yaml
 
 from tpo_plugin import _bootstrap, patches
+
+from conftest import OFFLINE_ENV, log_history, run_cli, train_config, write_yaml
 
 
 def python(code: str, **env) -> subprocess.CompletedProcess:

@@ -22,8 +22,20 @@ from .objective import (
     tpo_batch_loss,
 )
 
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+
+_NUMERICS_ADVICE = "Lower `learning_rate` or check the bf16/fp16 settings, then resume with `resume_from_checkpoint`."
+
+
+def _any_rank(accelerator: Any, flag: torch.Tensor) -> bool:
+    """True if ``flag`` is true on any rank; every rank must call this, so that all ranks stop together."""
+    flag = flag.float()
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, "sum")
+    return flag.item() > 0
 
 
 class CustomTPOTrainer(CustomDPOTrainer):
@@ -53,6 +65,27 @@ class CustomTPOTrainer(CustomDPOTrainer):
                 None if corrupted_inputs is None else self._token_scores(ref_model, corrupted_inputs, labels)[0]
             )
         return clean, corrupted
+
+    def _stop_unless_finite(self, losses: torch.Tensor, visual_score: torch.Tensor) -> None:
+        """Stop at the first non-finite loss or visual score, before it reaches the weights or a checkpoint."""
+        if _any_rank(self.accelerator, ~torch.isfinite(losses).all() | ~torch.isfinite(visual_score).all()):
+            raise FloatingPointError(
+                f"Stage tpo stopped at step {self.state.global_step + 1}: the loss or a visual score is not finite "
+                f"(nan/inf). This step did not update the weights and wrote no checkpoint; checkpoints already "
+                f"saved in {self.args.output_dir} are intact. {_NUMERICS_ADVICE}"
+            )
+
+    @override
+    def _save_checkpoint(self, model, trial):
+        # An update can turn weights non-finite while its own loss was finite: never save such weights.
+        trainable = [param for param in self.model.parameters() if param.requires_grad]
+        if _any_rank(self.accelerator, torch.stack([~torch.isfinite(param).all() for param in trainable]).any()):
+            raise FloatingPointError(
+                f"Stage tpo stopped at step {self.state.global_step}: the update made weights non-finite (nan/inf), "
+                f"so checkpoint-{self.state.global_step} was not written; checkpoints already saved in "
+                f"{self.args.output_dir} are intact. {_NUMERICS_ADVICE}"
+            )
+        return super()._save_checkpoint(model, trial)
 
     @override
     def get_batch_loss_metrics(
@@ -97,6 +130,9 @@ class CustomTPOTrainer(CustomDPOTrainer):
             offset=args.tpo_reward_offset,
             detach_reward=args.tpo_detach_reward,
         )
+        if train_eval == "train":
+            self._stop_unless_finite(result.losses, result.visual_score)
+
         chosen_rewards, rejected_rewards = result.chosen_rewards, result.rejected_rewards
         chosen_logits, rejected_logits = policy_mean_logits.split(num_pairs)
         mask = policy_clean.mask
