@@ -20,6 +20,7 @@ from PIL import Image
 from tpo_plugin import convert
 from tpo_plugin.cli import main
 
+
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 ENTRY = {
     "file_name": "rlhf_v.json",

@@ -9,6 +9,7 @@ from PIL import Image
 
 from tpo_plugin.corruption import add_diffusion_noise, corrupt_image, noise_schedule, noise_seed
 
+
 # TPO_METHOD §1, reference values: k -> (sqrt(alpha_bar_k), sqrt(1 - alpha_bar_k))
 REFERENCE_SCHEDULE = {
     0: (1.0000, 0.0047),

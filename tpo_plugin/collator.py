@@ -7,6 +7,7 @@ from llamafactory.data import PairwiseDataCollatorWithPadding
 
 from .corruption import ImageCorrupter
 
+
 PAIR_IMAGES_KEY = "tpo_images"  # batch key under which each pair's loaded images reach the trainer
 
 

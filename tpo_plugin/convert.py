@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TextIO, Union
 
+
 IMAGE_TOKEN = "<image>"  # LLaMA-Factory's default image placeholder
 IMAGE_DIR = "images"
 PARQUET_BATCH_ROWS = 64  # rows of encoded images held in memory at once

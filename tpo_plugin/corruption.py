@@ -19,6 +19,7 @@ from PIL import Image
 
 from .patches import regularize_images
 
+
 NUM_NOISE_STEPS = 1000
 EVAL_STEP_KEY = -1  # every evaluation uses the same noise, so evaluations at different steps compare
 

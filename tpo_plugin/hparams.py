@@ -12,6 +12,7 @@ from llamafactory.hparams.finetuning_args import FinetuningArguments
 
 from .patches import apply_deferred
 
+
 NOISE_STEPS = 1000
 CORRUPTIONS = ("diffusion", "blank")
 REWARD_SIDES = ("both", "chosen", "rejected")

@@ -9,6 +9,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+
 IGNORE_INDEX = -100  # LLaMA-Factory's label for prompt and padding positions
 
 

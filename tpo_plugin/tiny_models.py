@@ -42,6 +42,7 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
+
 __all__ = ["FAMILIES", "build_tiny_model", "make_demo_images"]
 
 FAMILIES = {"qwen2_vl": "qwen2_vl", "llava": "llava"}
