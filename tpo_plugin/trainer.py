@@ -21,6 +21,7 @@ from .objective import (
     target_token_scores,
     tpo_batch_loss,
 )
+from .stopping import any_rank
 
 
 if TYPE_CHECKING:
@@ -28,14 +29,6 @@ if TYPE_CHECKING:
 
 
 _NUMERICS_ADVICE = "Lower `learning_rate` or check the bf16/fp16 settings, then resume with `resume_from_checkpoint`."
-
-
-def _any_rank(accelerator: Any, flag: torch.Tensor) -> bool:
-    """True if ``flag`` is true on any rank; every rank must call this, so that all ranks stop together."""
-    flag = flag.float()
-    if accelerator.num_processes > 1:
-        flag = accelerator.reduce(flag, "sum")
-    return flag.item() > 0
 
 
 class CustomTPOTrainer(CustomDPOTrainer):
@@ -68,7 +61,7 @@ class CustomTPOTrainer(CustomDPOTrainer):
 
     def _stop_unless_finite(self, losses: torch.Tensor, visual_score: torch.Tensor) -> None:
         """Stop at the first non-finite loss or visual score, before it reaches the weights or a checkpoint."""
-        if _any_rank(self.accelerator, ~torch.isfinite(losses).all() | ~torch.isfinite(visual_score).all()):
+        if any_rank(self.accelerator, ~torch.isfinite(losses).all() | ~torch.isfinite(visual_score).all()):
             raise FloatingPointError(
                 f"Stage tpo stopped at step {self.state.global_step + 1}: the loss or a visual score is not finite "
                 f"(nan/inf). This step did not update the weights and wrote no checkpoint; checkpoints already "
@@ -79,7 +72,7 @@ class CustomTPOTrainer(CustomDPOTrainer):
     def _save_checkpoint(self, model, trial):
         # An update can turn weights non-finite while its own loss was finite: never save such weights.
         trainable = [param for param in self.model.parameters() if param.requires_grad]
-        if _any_rank(self.accelerator, torch.stack([~torch.isfinite(param).all() for param in trainable]).any()):
+        if any_rank(self.accelerator, torch.stack([~torch.isfinite(param).all() for param in trainable]).any()):
             raise FloatingPointError(
                 f"Stage tpo stopped at step {self.state.global_step}: the update made weights non-finite (nan/inf), "
                 f"so checkpoint-{self.state.global_step} was not written; checkpoints already saved in "

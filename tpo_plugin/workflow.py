@@ -5,6 +5,8 @@ is loaded, its collator hands the trainer each pair's images, and its trainer ad
 passes and the token weights.
 """
 
+import os
+import signal
 from typing import TYPE_CHECKING, Any, Optional
 
 from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
@@ -19,6 +21,7 @@ from llamafactory.train.trainer_utils import create_modelcard_and_push, create_r
 from .collator import TPODataCollatorWithPadding
 from .corruption import ImageCorrupter
 from .patches import aligned_datasets
+from .stopping import StopOnSignalCallback
 from .validation import check_preference_data
 
 
@@ -104,7 +107,17 @@ def run_tpo(
 
     # Training
     if training_args.do_train:
+        stop_on_signal = StopOnSignalCallback(trainer.accelerator)
+        trainer.add_callback(stop_on_signal)
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        if stop_on_signal.stopped:  # a checkpoint, not a finished model: nothing may look like one
+            checkpoint = os.path.join(training_args.output_dir, f"checkpoint-{trainer.state.global_step}")
+            logger.warning_rank0(
+                f"Training was interrupted at step {trainer.state.global_step}; {checkpoint} holds it. "
+                f"Resume with `resume_from_checkpoint: {checkpoint}`."
+            )
+            raise SystemExit(128 + int(stop_on_signal.received or signal.SIGTERM))
+
         trainer.save_model()
         if finetuning_args.include_effective_tokens_per_second:
             train_result.metrics["effective_tokens_per_sec"] = calculate_tps(
