@@ -11,14 +11,7 @@ pytestmark = pytest.mark.e2e
 COMPARED = ["loss", "rewards/margins", "logps/chosen", "tpo/score_chosen", "tpo/score_rejected", "tpo/weight_chosen"]
 
 
-FULL_RESUME_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="transformers 5.6's Trainer reloads a full Qwen2-VL checkpoint without its key mapping, so the resumed "
-    "policy restarts from the initial weights; LLaMA-Factory's stage: dpo is hit the same way",
-)
-
-
-@pytest.mark.parametrize("finetuning_type", ["lora", pytest.param("full", marks=FULL_RESUME_BUG)])
+@pytest.mark.parametrize("finetuning_type", ["lora", "full"])
 def test_resumed_steps_equal_uninterrupted_steps(finetuning_type, model_dirs, dataset_dir, tmp_path):
     common = dict(max_steps=4, save_strategy="steps", save_steps=2, finetuning_type=finetuning_type)
     if finetuning_type == "full":

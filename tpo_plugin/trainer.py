@@ -5,12 +5,14 @@ DeepSpeed/FSDP/DDP, optimizer, scheduler, metric logging with the cross-rank mea
 with the same options as ``stage: dpo``.
 """
 
+import os
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
 import torch
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
 from llamafactory.train.trainer_utils import nested_detach
+from peft import PeftModel
 from typing_extensions import override
 
 from .collator import PAIR_IMAGES_KEY
@@ -29,6 +31,11 @@ if TYPE_CHECKING:
 
 
 _NUMERICS_ADVICE = "Lower `learning_rate` or check the bf16/fp16 settings, then resume with `resume_from_checkpoint`."
+
+
+def _has_full_weights(checkpoint: str) -> bool:
+    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    return any(os.path.isfile(os.path.join(checkpoint, name)) for name in names)
 
 
 class CustomTPOTrainer(CustomDPOTrainer):
@@ -67,6 +74,19 @@ class CustomTPOTrainer(CustomDPOTrainer):
                 f"(nan/inf). This step did not update the weights and wrote no checkpoint; checkpoints already "
                 f"saved in {self.args.output_dir} are intact. {_NUMERICS_ADVICE}"
             )
+
+    @override
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        # transformers 5.6's Trainer reloads full weights with a plain load_state_dict, without the key mapping
+        # from_pretrained applies (e.g. Qwen2-VL saves `model.layers.*` for `model.language_model.layers.*`):
+        # every key is missed and the resumed run silently restarts from the initial weights. Reload through
+        # from_pretrained instead; adapters (PEFT), DeepSpeed and FSDP checkpoints take the usual path.
+        unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if isinstance(unwrapped, PeftModel) or not _has_full_weights(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+        reloaded = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=unwrapped.dtype, device_map="cpu")
+        unwrapped.load_state_dict(reloaded.state_dict(), strict=True)
 
     @override
     def _save_checkpoint(self, model, trial):
