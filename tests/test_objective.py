@@ -240,3 +240,36 @@ def test_ftx_adds_mean_chosen_nll():
     without = tpo_batch_loss(*scores, **kwargs).losses.item()
     with_ftx = tpo_batch_loss(*scores, ftx=0.5, **kwargs).losses.item()
     assert with_ftx - without == pytest.approx(0.5 * -sum(POLICY_CLEAN_LOGP[0]) / 3, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_token_scores_equal_full_log_softmax_values_and_gradients(dtype, monkeypatch):
+    import tpo_plugin.objective as objective
+
+    monkeypatch.setattr(objective, "FLOAT32_CHUNK_ELEMENTS", 2 * 11)  # two rows per chunk: exercise chunking
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 6, 11, generator=generator) * 4).to(dtype).requires_grad_()
+    labels = torch.randint(0, 11, (3, 6), generator=generator)
+    labels[:, :2] = IGNORE_INDEX
+    labels[2, 4:] = IGNORE_INDEX
+    upstream = torch.randn(2, 3, 5, generator=generator)  # arbitrary weights on logit and logp outputs
+
+    scores = target_token_scores(logits, labels)
+    ((scores.logit * upstream[0]).sum() + (scores.logp * upstream[1]).sum()).backward()
+    chunked_grad = logits.grad.clone()
+
+    # straightforward: float64 log-softmax over the full vocabulary, then gather and mask
+    logits.grad = None
+    shifted = logits[:, :-1].double()
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    index = targets.clamp_min(0).unsqueeze(-1)
+    expected_logit = shifted.gather(-1, index).squeeze(-1) * mask
+    expected_logp = torch.log_softmax(shifted, -1).gather(-1, index).squeeze(-1) * mask
+    ((expected_logit * upstream[0]).sum() + (expected_logp * upstream[1]).sum()).backward()
+
+    assert torch.equal(scores.mask, mask)
+    torch.testing.assert_close(scores.logit.double(), expected_logit, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores.logp.double(), expected_logp, rtol=1e-5, atol=1e-5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(chunked_grad.double(), logits.grad.double(), rtol=tolerance, atol=tolerance)

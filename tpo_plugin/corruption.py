@@ -96,22 +96,33 @@ class ImageCorrupter:
             [corrupt_image(image, self.corruption, self.noise_step, self.seed, step_key) for image in images]
             for images in pair_images
         ]
-        rows = corrupted + corrupted  # chosen rows first, then rejected rows, as the collator orders them
-        mm_inputs = self.mm_plugin.get_mm_inputs(
-            [image for images in rows for image in images],
+        # Process each corrupted image once, for the chosen rows, and reuse the tensors for the rejected rows:
+        # the multimodal tensors list images (or rows) along dim 0 in row order, so the rejected rows' tensors
+        # equal the chosen rows'. _check_same_layout below verifies the result against the clean batch.
+        num_pairs = len(pair_images)
+        chosen_inputs = self.mm_plugin.get_mm_inputs(
+            [image for images in corrupted for image in images],
             [],
             [],
-            [len(images) for images in rows],
-            [0] * len(rows),
-            [0] * len(rows),
-            batch["input_ids"].tolist(),
+            [len(images) for images in corrupted],
+            [0] * num_pairs,
+            [0] * num_pairs,
+            batch["input_ids"][:num_pairs].tolist(),
             self.processor,
         )
+        mm_inputs = {key: _repeat_rows(value) for key, value in chosen_inputs.items()}
         for text_level_key in ("token_type_ids", "mm_token_type_ids"):  # identical to the clean batch's
             mm_inputs.pop(text_level_key, None)
 
         _check_same_layout(mm_inputs, batch)
         return mm_inputs
+
+
+def _repeat_rows(value: Any) -> Any:
+    """The chosen rows' multimodal input, repeated for the rejected rows."""
+    if isinstance(value, torch.Tensor):
+        return torch.cat([value, value])
+    return value + value if isinstance(value, list) else value
 
 
 def _check_same_layout(corrupted: dict[str, Any], clean: dict[str, Any]) -> None:

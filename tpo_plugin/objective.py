@@ -21,19 +21,70 @@ class TokenScores(NamedTuple):
     mask: torch.Tensor  # (B, T) bool: true on response tokens
 
 
+# Rows of float32 logits held at once while normalising: about 256 MiB for a 150k vocabulary.
+FLOAT32_CHUNK_ELEMENTS = 2**26
+
+
+class _ResponseTokenLogits(torch.autograd.Function):
+    """Target logit and log-normaliser ``logsumexp(z)`` at the given rows of a (N, V) logits matrix.
+
+    Only the rows of response tokens are normalised, in float32, a chunk of rows at a time; backward
+    recomputes each chunk's softmax from the saved logits. Autograd therefore never holds a float32 copy
+    of the full (N, V) logits, which is what ``log_softmax(logits.float())`` would keep for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, rows, targets, chunk_rows):
+        target_logit = logits[rows, targets].float()
+        log_normalizer = torch.empty_like(target_logit)
+        for start in range(0, rows.numel(), chunk_rows):
+            chunk = rows[start : start + chunk_rows]
+            log_normalizer[start : start + chunk_rows] = torch.logsumexp(logits[chunk].float(), dim=-1)
+        ctx.save_for_backward(logits, rows, targets, log_normalizer)
+        ctx.chunk_rows = chunk_rows
+        return target_logit, log_normalizer
+
+    @staticmethod
+    def backward(ctx, grad_target_logit, grad_log_normalizer):
+        logits, rows, targets, log_normalizer = ctx.saved_tensors
+        grad_logits = torch.zeros_like(logits)
+        for start in range(0, rows.numel(), ctx.chunk_rows):
+            end = start + ctx.chunk_rows
+            chunk = rows[start:end]
+            grad = torch.zeros(chunk.numel(), logits.size(-1), dtype=torch.float32, device=logits.device)
+            if grad_log_normalizer is not None:  # d logsumexp(z) / dz = softmax(z)
+                grad = torch.exp(logits[chunk].float() - log_normalizer[start:end, None])
+                grad *= grad_log_normalizer[start:end, None]
+            if grad_target_logit is not None:
+                grad[torch.arange(chunk.numel(), device=grad.device), targets[start:end]] += grad_target_logit[
+                    start:end
+                ]
+            grad_logits[chunk] = grad.to(logits.dtype)
+        return grad_logits, None, None, None
+
+
 def target_token_scores(logits: torch.Tensor, labels: torch.Tensor) -> TokenScores:
     r"""Target-token logit and log-probability of each response token (TPO_METHOD §2 and §4).
 
-    Position t of ``logits`` predicts token t + 1 of ``labels``. The log-probability is computed as
-    ``z_target - logsumexp(z)``, so no full-vocabulary log-softmax is built.
+    Position t of ``logits`` predicts token t + 1 of ``labels``; the result has T = L - 1 positions.
+    ``log p = z_target - logsumexp(z)`` is computed only where ``labels`` marks a response token, in
+    float32, without materialising a float32 copy of the (B, L, V) logits.
     """
-    labels = labels[:, 1:]
-    logits = logits[:, :-1]
-    mask = labels != IGNORE_INDEX
-    targets = labels.masked_fill(~mask, 0).unsqueeze(-1)
-    target_logit = logits.gather(-1, targets).squeeze(-1).float()
-    target_logp = target_logit - torch.logsumexp(logits.float(), dim=-1)
-    return TokenScores(target_logit * mask, target_logp * mask, mask)
+    batch, length, vocab = logits.shape
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    rows = mask.flatten().nonzero().squeeze(-1)
+    chunk_rows = max(1, FLOAT32_CHUNK_ELEMENTS // vocab)
+    target_logit, log_normalizer = _ResponseTokenLogits.apply(
+        logits.reshape(-1, vocab), rows, targets.flatten()[rows], chunk_rows
+    )
+
+    def scatter(values: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(batch * length, dtype=torch.float32, device=logits.device)
+        return full.index_put((rows,), values).view(batch, length)[:, :-1]
+
+    return TokenScores(scatter(target_logit), scatter(target_logit - log_normalizer), mask[:, :-1])
 
 
 def visual_score(clean: torch.Tensor, corrupted: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,8 @@ with the same options as ``stage: dpo``.
 """
 
 import os
-from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, Literal, Optional
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
@@ -38,6 +38,24 @@ def _has_full_weights(checkpoint: str) -> bool:
     return any(os.path.isfile(os.path.join(checkpoint, name)) for name in names)
 
 
+def concat_rows(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Two model input batches as one: rows of ``first``, then rows of ``second``.
+
+    Text tensors and multimodal tensors list rows (or images, in row order) along dim 0; M-RoPE position
+    ids are (sections, rows, length).
+    """
+    joined = {}
+    for key, value in first.items():
+        if isinstance(value, torch.Tensor):
+            dim = 1 if key == "position_ids" and value.dim() == 3 else 0
+            joined[key] = torch.cat([value, second[key]], dim=dim)
+        elif isinstance(value, list):
+            joined[key] = value + second[key]
+        else:
+            joined[key] = value
+    return joined
+
+
 class CustomTPOTrainer(CustomDPOTrainer):
     def __init__(self, image_corrupter: ImageCorrupter, **kwargs):
         self.image_corrupter = image_corrupter
@@ -50,21 +68,23 @@ class CustomTPOTrainer(CustomDPOTrainer):
         logits = model(**inputs, return_dict=True, use_cache=False).logits
         return target_token_scores(logits, labels), logits.detach().mean(dim=(1, 2), dtype=torch.float32)
 
-    def _reference_token_scores(
-        self, model: "PreTrainedModel", inputs: dict[str, Any], corrupted_inputs: Optional[dict[str, Any]], labels
-    ) -> tuple[TokenScores, Optional[TokenScores]]:
-        """The reference model's clean and corrupted passes: a frozen copy, or the policy without its adapter."""
-        if self.ref_model is None:
-            ref_model, ref_context = model, self.accelerator.unwrap_model(model).disable_adapter()
-        else:
-            ref_model, ref_context = self.ref_model, nullcontext()
+    def _paired_token_scores(
+        self, model: "PreTrainedModel", inputs: dict[str, Any], corrupted_inputs: dict[str, Any], labels: torch.Tensor
+    ) -> tuple[tuple[TokenScores, TokenScores], torch.Tensor]:
+        """Clean and corrupted passes as one forward over twice the rows; mean logits of the clean rows."""
+        scores, mean_logits = self._token_scores(model, concat_rows(inputs, corrupted_inputs), labels.repeat(2, 1))
+        num_rows = labels.size(0)
+        clean, corrupted = (TokenScores(*(field.split(num_rows)[part] for field in scores)) for part in (0, 1))
+        return (clean, corrupted), mean_logits[:num_rows]
 
-        with torch.no_grad(), ref_context:
-            clean, _ = self._token_scores(ref_model, inputs, labels)
-            corrupted = (
-                None if corrupted_inputs is None else self._token_scores(ref_model, corrupted_inputs, labels)[0]
-            )
-        return clean, corrupted
+    @contextmanager
+    def _reference_context(self, model: "PreTrainedModel"):
+        """The reference model: a frozen copy (``ref_model``), or the policy with its adapter disabled."""
+        if self.ref_model is not None:
+            yield self.ref_model
+        else:
+            with self.accelerator.unwrap_model(model).disable_adapter():
+                yield model
 
     def _stop_unless_finite(self, losses: torch.Tensor, visual_score: torch.Tensor) -> None:
         """Stop at the first non-finite loss or visual score, before it reaches the weights or a checkpoint."""
@@ -121,13 +141,23 @@ class CustomTPOTrainer(CustomDPOTrainer):
         if corrupted_mm_inputs is not None:
             corrupted_inputs = {**inputs, **self._prepare_inputs(corrupted_mm_inputs)}
 
-        policy_clean, policy_mean_logits = self._token_scores(model, inputs, labels)
-        policy_corrupted = None
-        if corrupted_inputs is not None:
-            with torch.no_grad() if args.tpo_detach_reward else nullcontext():  # c^theta detached: no graph
-                policy_corrupted, _ = self._token_scores(model, corrupted_inputs, labels)
+        if corrupted_inputs is None or args.tpo_detach_reward:
+            policy_clean, policy_mean_logits = self._token_scores(model, inputs, labels)
+            policy_corrupted = None
+            if corrupted_inputs is not None:
+                with torch.no_grad():  # c^theta is detached: its corrupted pass needs no graph
+                    policy_corrupted, _ = self._token_scores(model, corrupted_inputs, labels)
+        else:  # gradients flow through both passes: run them as one batch
+            (policy_clean, policy_corrupted), policy_mean_logits = self._paired_token_scores(
+                model, inputs, corrupted_inputs, labels
+            )
 
-        ref_clean, ref_corrupted = self._reference_token_scores(model, inputs, corrupted_inputs, labels)
+        with torch.no_grad(), self._reference_context(model) as ref_model:
+            if corrupted_inputs is None:
+                ref_clean, ref_corrupted = self._token_scores(ref_model, inputs, labels)[0], None
+            else:
+                (ref_clean, ref_corrupted), _ = self._paired_token_scores(ref_model, inputs, corrupted_inputs, labels)
+
         result = tpo_batch_loss(
             policy_clean,
             policy_corrupted,
