@@ -1,0 +1,542 @@
+"""TPO against LLaMA-Factory's own DPO on the same model, data and settings: step time, peak memory, pairs/s.
+
+For each configuration (``--config lora``, ``full`` or ``lora,full``) the harness trains each variant in
+its own process through ``llamafactory-cli train``'s entry point (``llamafactory.cli.main``, started by
+:mod:`bench_child`), one after another and ``--repeats`` times in that order, so that drift hits every
+variant alike:
+
+- ``dpo``: ``stage: dpo``, LLaMA-Factory's own trainer (the baseline);
+- ``tpo``: ``stage: tpo``, the plugin's trainer with its defaults;
+- ``tpo_detach``: ``stage: tpo`` with ``tpo_detach_reward: true``;
+- ``tpo_reference_structure``: ``stage: tpo`` computed with the reference code's structure
+  (:mod:`reference_structure`: 8 separate forwards, float32 full-vocabulary log-softmax), the same losses.
+
+It reports per variant the median step time after ``--warmup-steps`` (CUDA-synchronised), the median
+wall time per step (batch loading and logging included), pairs/s, and peak memory (CUDA peak allocated
+on a GPU, peak RSS of the training process on a CPU), with the ratios to DPO and reference
+structure / TPO, as a Markdown table per configuration and as one JSON line starting with
+``{"benchmark": "tpo_vs_dpo"``. It also checks that the reference-structure trainer logs the same loss,
+gradient norm and metrics as the plugin's trainer in the first two steps.
+
+    python benchmarks/bench_tpo.py --device cpu                      # tiny test model, ~1-2 min on 2 cores
+    python benchmarks/bench_tpo.py --device cuda --config lora       # Qwen2-VL-2B shape, 448x448, bf16
+    python benchmarks/bench_tpo.py --device cpu --model qwen2-vl-2b-mini --image-size 448 \\
+        --answer-tokens 180 --precision bf16                         # the GPU code path, scaled down, on a CPU
+
+Everything is built locally (random weights, a locally trained tokenizer, PIL images): nothing is downloaded.
+"""
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from typing import Any, Optional
+
+import yaml
+
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+from bench_child import REFERENCE_STRUCTURE, RESULT_ENV, TRAINER_ENV  # noqa: E402
+
+
+# variant -> (recipe keys on top of the common ones, trainer swapped in by bench_child)
+VARIANTS = {
+    "dpo": ({"stage": "dpo"}, ""),
+    "tpo": ({"stage": "tpo"}, ""),
+    "tpo_detach": ({"stage": "tpo", "tpo_detach_reward": True}, ""),
+    "tpo_reference_structure": ({"stage": "tpo"}, REFERENCE_STRUCTURE),
+}
+CONFIGS = ("lora", "full")
+MODELS = ("tiny", "qwen2-vl-2b", "qwen2-vl-2b-mini")
+DEVICE_DEFAULTS = {
+    "cpu": {
+        "model": "tiny",
+        "image_size": 112,
+        "answer_tokens": 64,
+        "warmup_steps": 3,
+        "measured_steps": 8,
+        "precision": "fp32",
+        "threads": 1,  # on a shared CPU, one thread per run keeps the timings from collapsing under contention
+    },
+    "cuda": {
+        "model": "qwen2-vl-2b",
+        "image_size": 448,
+        "answer_tokens": 180,
+        "warmup_steps": 3,
+        "measured_steps": 10,
+        "precision": "bf16",
+        "threads": 0,
+    },
+}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "DISABLE_VERSION_CHECK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_DISABLED": "true",
+}
+# Logged values of the first two steps that the reference-structure trainer must reproduce; not
+# rewards/accuracies, a fraction of pairs that rounding can flip while a margin is still near 0.
+CHECKED_LOG_PREFIXES = (
+    "loss",
+    "grad_norm",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "logps/",
+    "logits/",
+    "tpo/",
+)
+PAIR_COLUMNS = {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "images": "images"}
+COLOURS = ["red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black"]
+FILLER = [
+    "The {colour} {obj} is in the middle of the picture.",
+    "There is nothing else in the picture.",
+    "The background is plain and light.",
+    "I can see one {colour} {obj} and nothing else.",
+    "The picture is small.",
+    "It is a {colour} {obj}.",
+]
+QUESTIONS = ["What is in the picture?", "Describe the image.", "What colour is it?", "What shape do you see?"]
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=sorted(DEVICE_DEFAULTS), default="cpu")
+    parser.add_argument("--config", default="lora", help="lora, full, or both comma-separated (default: lora)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
+    parser.add_argument("--model", choices=MODELS, help="tiny (CPU default) or qwen2-vl-2b (GPU default)")
+    parser.add_argument("--image-size", type=int, help="square image side in pixels (CPU 112, GPU 448)")
+    parser.add_argument("--answer-tokens", type=int, help="approximate tokens per answer (CPU 64, GPU 180)")
+    parser.add_argument("--question-tokens", type=int, default=20, help="approximate tokens per question")
+    parser.add_argument("--batch-pairs", type=int, default=4, help="preference pairs per step")
+    parser.add_argument("--warmup-steps", type=int, help="steps left out of the medians (default 3)")
+    parser.add_argument("--measured-steps", type=int, help="steps measured after warm-up (CPU 8, GPU 10)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over all variants, alternating them")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], help="CPU fp32, GPU bf16")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the runs, 0: torch's default (CPU: 1, GPU: 0)")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--work-dir", default="saves/bench_tpo", help="model, data, runs and logs")
+    parser.add_argument("--output", help="also write the results JSON here (rewritten after every run)")
+    parser.add_argument("--child-timeout", type=float, default=900, help="seconds one training run may take")
+    args = parser.parse_args(argv)
+    for key, value in DEVICE_DEFAULTS[args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+    args.configs = [name.strip() for name in args.config.split(",") if name.strip()]
+    args.variant_names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    for name in args.configs:
+        if name not in CONFIGS:
+            parser.error(f"--config {name!r}: expected one of {', '.join(CONFIGS)}")
+    for name in args.variant_names:
+        if name not in VARIANTS:
+            parser.error(f"--variants {name!r}: expected some of {', '.join(VARIANTS)}")
+    if args.warmup_steps < 0 or args.measured_steps < 1 or args.repeats < 1:
+        parser.error("--warmup-steps must be >= 0, --measured-steps and --repeats >= 1")
+    return args
+
+
+def build_model(args: argparse.Namespace, work_dir: pathlib.Path) -> pathlib.Path:
+    """The model directory: tiny_models' Qwen2-VL, or a Qwen2-VL-2B-shaped one built in a child process."""
+    if args.model == "tiny":
+        from tpo_plugin.tiny_models import build_tiny_model
+
+        return build_tiny_model("qwen2_vl", work_dir / "model-tiny", seed=0)
+
+    model_dir = work_dir / f"model-{args.model}-{args.precision}"
+    dtype = "bfloat16" if args.precision == "bf16" else "float32"
+    command = [sys.executable, str(BENCH_DIR / "models.py"), str(model_dir), "--shape", args.model]
+    command += ["--device", args.device, "--dtype", dtype]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **OFFLINE_ENV})
+    if result.returncode != 0:
+        raise RuntimeError(f"Building {args.model} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    log(f"model {args.model}: {result.stdout.strip().splitlines()[-1]}")
+    return model_dir
+
+
+def text_of_tokens(tokenizer: Any, sentences: list[str], tokens: int) -> str:
+    """Sentences joined until the text is at least ``tokens`` tokens long."""
+    text = ""
+    for sentence in sentences:
+        text = f"{text} {sentence}".strip()
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= tokens:
+            break
+    return text
+
+
+def write_dataset(args: argparse.Namespace, model_dir: pathlib.Path, data_dir: pathlib.Path) -> dict[str, float]:
+    """``bench_pairs``: one image per pair, a question and two answers of about the configured lengths.
+
+    The rejected answer gives the object the wrong colour and adds a dog, as a hallucination would.
+    Returns the mean token counts measured with the model's tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    from tpo_plugin.tiny_models import make_demo_images
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    num_pairs = args.batch_pairs * (args.warmup_steps + args.measured_steps)
+    rng = random.Random(args.seed)
+    images = make_demo_images(data_dir / "images", num_pairs, size=args.image_size, seed=args.seed)
+    rows, counts = [], {"question": [], "chosen": [], "rejected": []}
+    for image in images:
+        _, colour, obj = image.stem.split("-")
+        wrong = rng.choice([c for c in COLOURS if c != colour])
+        filler = [rng.choice(FILLER).format(colour=colour, obj=obj) for _ in range(4 * args.answer_tokens)]
+        texts = {
+            "question": text_of_tokens(tokenizer, rng.sample(QUESTIONS, len(QUESTIONS)) * 50, args.question_tokens),
+            "chosen": text_of_tokens(tokenizer, [f"The image shows a {colour} {obj}.", *filler], args.answer_tokens),
+            "rejected": text_of_tokens(
+                tokenizer, [f"The image shows a {wrong} {obj} and a dog.", *filler], args.answer_tokens
+            ),
+        }
+        for key, text in texts.items():
+            counts[key].append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        rows.append(
+            {
+                "conversations": [{"from": "human", "value": "<image>" + texts["question"]}],
+                "chosen": {"from": "gpt", "value": texts["chosen"]},
+                "rejected": {"from": "gpt", "value": texts["rejected"]},
+                "images": [str(image.relative_to(data_dir))],
+            }
+        )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "bench_pairs.json").write_text(json.dumps(rows, indent=1))
+    info = {
+        "bench_pairs": {
+            "file_name": "bench_pairs.json",
+            "formatting": "sharegpt",
+            "ranking": True,
+            "columns": PAIR_COLUMNS,
+        }
+    }
+    (data_dir / "dataset_info.json").write_text(json.dumps(info, indent=1))
+    return {f"{key}_tokens": statistics.mean(values) for key, values in counts.items()}
+
+
+def recipe(args: argparse.Namespace, config: str, variant: str, model_dir, data_dir, output_dir) -> dict[str, Any]:
+    """The ``llamafactory-cli train`` recipe of one run; the variants differ only in the keys of VARIANTS."""
+    keys = {
+        "model_name_or_path": str(model_dir),
+        "do_train": True,
+        "finetuning_type": config,
+        "dataset": "bench_pairs",
+        "dataset_dir": str(data_dir),
+        "template": "qwen2_vl",
+        "cutoff_len": 4096,
+        "output_dir": str(output_dir),
+        "overwrite_output_dir": True,
+        "per_device_train_batch_size": args.batch_pairs,
+        "gradient_accumulation_steps": 1,
+        "max_steps": args.warmup_steps + args.measured_steps,
+        "learning_rate": 1.0e-5,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "pref_beta": 0.1,
+        "seed": args.seed,
+        "bf16": args.precision == "bf16",
+        **VARIANTS[variant][0],
+    }
+    if config == "lora":
+        keys["lora_target"] = "all"
+    if args.device == "cpu":
+        keys["use_cpu"] = True  # else transformers refuses bf16 without a GPU
+    return keys
+
+
+def run_variant(args, config: str, variant: str, repeat: int, model_dir, data_dir, work_dir) -> dict[str, Any]:
+    """Train one variant in its own process; return what its StepTimer measured, or the error."""
+    name = f"{config}-{variant}-r{repeat}"
+    run_dir = work_dir / "runs" / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe_path, result_path, log_path = run_dir / "recipe.yaml", run_dir / "result.json", run_dir / "train.log"
+    recipe_path.write_text(yaml.safe_dump(recipe(args, config, variant, model_dir, data_dir, run_dir / "out")))
+    result_path.unlink(missing_ok=True)
+    boot = f"import sys; sys.path.insert(0, {str(BENCH_DIR)!r}); import bench_child; bench_child.main()"
+    env = {
+        **os.environ,
+        **OFFLINE_ENV,
+        "HF_DATASETS_CACHE": str(work_dir / "hf_datasets_cache"),
+        RESULT_ENV: str(result_path),
+        TRAINER_ENV: VARIANTS[variant][1],
+    }
+    if args.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    start = time.perf_counter()
+    with open(log_path, "w") as log_file:
+        try:
+            process = subprocess.run(
+                [sys.executable, "-c", boot, "train", str(recipe_path)],
+                cwd=run_dir,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                timeout=args.child_timeout,
+            )
+            error = None if process.returncode == 0 else f"exit code {process.returncode}"
+        except subprocess.TimeoutExpired:
+            error = f"timed out after {args.child_timeout:.0f} s"
+    seconds = time.perf_counter() - start
+    if error is None and not result_path.is_file():
+        error = "no result written"
+    if error is not None:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        log(f"{name}: FAILED ({error}); log {log_path}:\n{tail}")
+        return {"error": error, "log": str(log_path), "process_seconds": seconds}
+
+    result = json.loads(result_path.read_text())
+    result["process_seconds"] = seconds
+    if VARIANTS[variant][1] == REFERENCE_STRUCTURE and result["trainer"] != "ReferenceStructureTPOTrainer":
+        return {"error": f"trained with {result['trainer']}, not the reference structure", "log": str(log_path)}
+    steps = result["step_seconds"][args.warmup_steps :]
+    log(f"{name}: {statistics.median(steps):.4f} s/step over {len(steps)} steps ({seconds:.0f} s in all)")
+    return result
+
+
+def summarise(args, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's numbers over its repeats: medians over all measured steps, peaks over all runs."""
+    failed = [run for run in runs if "error" in run]
+    if failed:
+        return {"error": "; ".join(run["error"] for run in failed), "logs": [run.get("log") for run in failed]}
+    steps = [seconds for run in runs for seconds in run["step_seconds"][args.warmup_steps :]]
+    walls = [seconds for run in runs for seconds in run["wall_seconds"][args.warmup_steps :]]
+    cuda = "peak_allocated_bytes" in runs[0]
+    summary = {
+        "s_per_step": statistics.median(steps),
+        "wall_s_per_step": statistics.median(walls),
+        "pairs_per_s": runs[0]["batch_pairs"] / statistics.median(steps),
+        "peak_memory_bytes": max(run["peak_allocated_bytes" if cuda else "peak_rss_bytes"] for run in runs),
+        "peak_memory_kind": "cuda_max_allocated" if cuda else "peak_rss",
+        "training_rss_growth_bytes": max(run["peak_rss_bytes"] - run["rss_at_train_begin_bytes"] for run in runs),
+        "measured_steps": len(steps),
+        "s_per_step_per_repeat": [statistics.median(run["step_seconds"][args.warmup_steps :]) for run in runs],
+        "trainer": runs[0]["trainer"],
+        "first_steps_logs": runs[0]["logs"][:2],
+    }
+    if not cuda and all(run["peak_rss_since_train_begin"] for run in runs):
+        summary["peak_memory_kind"] = "peak_rss_during_training"  # else: over the whole process
+    if cuda:
+        summary["peak_reserved_bytes"] = max(run["peak_reserved_bytes"] for run in runs)
+        summary["device"] = runs[0]["device"]
+    return summary
+
+
+def ratio(numerator: Optional[dict], denominator: Optional[dict]) -> Optional[dict[str, float]]:
+    if not numerator or not denominator or "error" in numerator or "error" in denominator:
+        return None
+    return {
+        "time": numerator["s_per_step"] / denominator["s_per_step"],
+        "wall_time": numerator["wall_s_per_step"] / denominator["wall_s_per_step"],
+        "memory": numerator["peak_memory_bytes"] / denominator["peak_memory_bytes"],
+    }
+
+
+def reference_structure_check(tpo: Optional[dict], reference: Optional[dict]) -> Optional[dict[str, Any]]:
+    """Largest difference of the first logged steps between the plugin's TPO trainer and the reference structure.
+
+    Step 1 checks the forward passes and, through ``grad_norm``, the backward (gradients through the policy's
+    token weights included); step 2 then starts from the updated weights, where the rewards are no longer 0.
+    A difference is relative to ``max(1, |value|)``: summed log-probabilities are in the hundreds. In fp32
+    the two trainers agree to float rounding (< 1e-5); in bf16 a forward over n rows rounds differently
+    from one over 4n rows, so expect differences around 1e-3 there.
+    """
+    if not tpo or not reference or "error" in tpo or "error" in reference:
+        return None
+    differences = {}
+    for first, second in zip(tpo["first_steps_logs"], reference["first_steps_logs"], strict=False):
+        for key in sorted(key for key in first if key.startswith(CHECKED_LOG_PREFIXES) and key in second):
+            scale = max(1.0, abs(first[key]), abs(second[key]))
+            differences[f"step{first['step']}/{key}"] = abs(first[key] - second[key]) / scale
+    if not differences:
+        return None
+    return {"max_rel_diff": max(differences.values()), "rel_diff": differences}
+
+
+def configuration_result(args, runs: dict[str, list[dict]]) -> dict[str, Any]:
+    variants = {name: summarise(args, variant_runs) for name, variant_runs in runs.items() if variant_runs}
+    dpo, tpo = variants.get("dpo"), variants.get("tpo")
+    ratios = {f"{name}/dpo": ratio(summary, dpo) for name, summary in variants.items() if name != "dpo"}
+    ratios["tpo_reference_structure/tpo"] = ratio(variants.get("tpo_reference_structure"), tpo)
+    check = reference_structure_check(tpo, variants.get("tpo_reference_structure"))
+    return {"variants": variants, "ratios": ratios, "reference_structure_check": check}
+
+
+def gib(value: float) -> str:
+    return f"{value / 2**30:.2f} GiB"
+
+
+def markdown_table(config: str, result: dict[str, Any], header: str) -> str:
+    variants = result["variants"]
+    cuda = any("peak_reserved_bytes" in summary for summary in variants.values())
+    memory = "peak allocated (reserved)" if cuda else "peak RSS (growth in training)"
+    lines = [
+        f"#### {config}: {header}",
+        "",
+        f"| variant | s/step (median) | wall s/step | pairs/s | {memory} | × DPO time | × DPO memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, summary in variants.items():
+        if "error" in summary:
+            lines.append(f"| {name} | failed: {summary['error']} | | | | | |")
+            continue
+        to_dpo = result["ratios"].get(f"{name}/dpo") or ({"time": 1.0, "memory": 1.0} if name == "dpo" else None)
+        times = f"{to_dpo['time']:.2f}×" if to_dpo else "–"
+        memories = f"{to_dpo['memory']:.2f}×" if to_dpo else "–"
+        extra = summary["peak_reserved_bytes"] if cuda else summary["training_rss_growth_bytes"]
+        memory_cell = f"{gib(summary['peak_memory_bytes'])} ({'' if cuda else '+'}{gib(extra)})"
+        lines.append(
+            f"| {name} | {summary['s_per_step']:.4f} | {summary['wall_s_per_step']:.4f} | "
+            f"{summary['pairs_per_s']:.2f} | {memory_cell} | {times} | {memories} |"
+        )
+    versus = result["ratios"].get("tpo_reference_structure/tpo")
+    if versus:
+        lines += [
+            "",
+            f"Reference structure / TPO: {versus['time']:.2f}× step time, {versus['memory']:.2f}× peak memory.",
+        ]
+    check = result["reference_structure_check"]
+    if check:
+        lines.append(
+            f"Reference structure vs TPO, loss, grad norm and metrics of steps 1-2: largest relative difference "
+            f"{check['max_rel_diff']:.1e} over {len(check['rel_diff'])} values."
+        )
+    return "\n".join(lines)
+
+
+def device_name(device: str, results: dict[str, Any]) -> str:
+    if device == "cuda":
+        for config in results.values():
+            for summary in config["variants"].values():
+                if summary.get("device"):
+                    return summary["device"]
+        return "cuda (no run finished)"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical CPUs"
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "llamafactory", "tpo-plugin", "trl", "peft", "accelerate"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def plugin_source_digest() -> str:
+    """SHA-256 over the imported tpo_plugin's Python sources: names what exactly was measured."""
+    import tpo_plugin
+
+    digest = hashlib.sha256()
+    for path in sorted(pathlib.Path(tpo_plugin.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+class Stopped(Exception):
+    """SIGTERM arrived (a time limit): subprocess.run kills the running child as this passes through it."""
+
+
+def stop_on_sigterm(signum, frame):
+    raise Stopped
+
+
+def log(message: str) -> None:
+    print(f"[bench_tpo] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            log("--device cuda, but torch sees no CUDA device")
+            return 2
+    work_dir = pathlib.Path(args.work_dir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    started, load_at_start = time.perf_counter(), os.getloadavg()
+    model_dir = build_model(args, work_dir)
+    data_dir = work_dir / "data"
+    data_stats = write_dataset(args, model_dir, data_dir)
+    log(f"data: {json.dumps({key: round(value, 1) for key, value in data_stats.items()})}")
+
+    settings = {
+        "model": args.model,
+        "image_size": args.image_size,
+        **data_stats,
+        "batch_pairs": args.batch_pairs,
+        "warmup_steps": args.warmup_steps,
+        "measured_steps": args.measured_steps,
+        "repeats": args.repeats,
+        "precision": args.precision,
+        "threads": args.threads or os.environ.get("OMP_NUM_THREADS", "torch default"),
+        "seed": args.seed,
+    }
+    report = {
+        "benchmark": "tpo_vs_dpo",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": None,
+        "versions": versions(),
+        "tpo_plugin_sha256": plugin_source_digest(),
+        "command": " ".join(["python", "benchmarks/bench_tpo.py", *(sys.argv[1:] if argv is None else argv)]),
+        "settings": settings,
+        "configurations": {},
+    }
+    signal.signal(signal.SIGTERM, stop_on_sigterm)  # `timeout`: report what finished, end the running child
+    try:
+        for config in args.configs:
+            runs: dict[str, list[dict]] = {name: [] for name in args.variant_names}
+            for repeat in range(args.repeats):
+                for variant in args.variant_names:  # alternating, so drift hits every variant alike
+                    runs[variant].append(run_variant(args, config, variant, repeat, model_dir, data_dir, work_dir))
+                    report["configurations"][config] = configuration_result(args, runs)
+                    report["device"] = device_name(args.device, report["configurations"])
+                    if args.output:
+                        pathlib.Path(args.output).write_text(json.dumps(report, indent=1))
+    except Stopped:
+        log("stopped by SIGTERM: reporting the runs that finished")
+        report["stopped_early"] = True
+
+    report["total_seconds"] = time.perf_counter() - started
+    report["load_average"] = {"start": load_at_start, "end": os.getloadavg()}
+    header = (
+        f"{args.model} Qwen2-VL, {args.batch_pairs} pairs/step, {args.image_size}×{args.image_size} images, "
+        f"answers ~{data_stats['chosen_tokens']:.0f} tokens, {args.precision}, median of "
+        f"{args.measured_steps * args.repeats} steps after {args.warmup_steps} warm-up, {report['device']}"
+    )
+    print("\n\n".join(markdown_table(config, result, header) for config, result in report["configurations"].items()))
+    print(json.dumps(report))
+    if args.output:
+        pathlib.Path(args.output).write_text(json.dumps(report, indent=1))
+    failed = any("error" in s for c in report["configurations"].values() for s in c["variants"].values())
+    return 1 if failed or report.get("stopped_early") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
