@@ -13,11 +13,21 @@ Set ``TPO_PLUGIN_DISABLE=1`` to turn the plugin off.
 import os
 import sys
 
+
 DISABLE_ENV = "TPO_PLUGIN_DISABLE"
 
 # Must equal the keys of ``tpo_plugin.patches.PATCHES`` (a test checks it); kept here so that the
 # start-up path does not import the patch module.
-PATCHED_MODULES = frozenset({"llamafactory.hparams.parser", "llamafactory.train.tuner"})
+PATCHED_MODULES = frozenset(
+    {
+        "llamafactory.hparams.parser",
+        "llamafactory.train.tuner",
+        "llamafactory.extras.constants",
+        "llamafactory.webui.locales",
+        "llamafactory.webui.runner",
+        "llamafactory.webui.components.train",
+    }
+)
 
 
 def _disabled() -> bool:

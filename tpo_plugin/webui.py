@@ -1,0 +1,264 @@
+"""TPO in LLaMA-Factory's web UI (LlamaBoard): the TPO settings panel, its labels, and its training arguments.
+
+:mod:`tpo_plugin.patches` hooks these pieces into LLaMA-Factory's UI; this module knows nothing of
+LLaMA-Factory's UI internals. It is imported only when LLaMA-Factory loads its web UI, never at start-up,
+and imports gradio only inside the functions that need it.
+
+The controls, their defaults and choices, and the English help texts come from the ``tpo_*`` fields of
+:class:`tpo_plugin.hparams.TPOArguments`, so the UI and the YAML keys cannot disagree.
+"""
+
+import re
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, Callable
+
+from .hparams import CORRUPTIONS, NOISE_STEPS, REWARD_SIDES, SCORE_KINDS, TPOArguments, tpo_defaults
+
+
+if TYPE_CHECKING:
+    from gradio.components import Component
+
+TPO_KEYS = tuple(tpo_defaults())
+# LLaMA-Factory's RLHF panel keys that TPO reads exactly as DPO does.
+PREF_KEYS = ("pref_beta", "pref_ftx", "pref_loss")
+LANGUAGES = ("en", "ru", "zh", "ko", "ja")
+
+_FIELD_TYPES = {f.name: f.type for f in fields(TPOArguments)}
+_HELP = {f.name: f.metadata["help"] for f in fields(TPOArguments)}
+
+
+def create_tpo_tab() -> dict[str, "Component"]:
+    """Build the closed "TPO configurations" accordion; labels come from :data:`LOCALES` when the page loads."""
+    import gradio as gr
+
+    defaults = tpo_defaults()
+    with gr.Accordion(open=False) as tpo_tab:
+        tpo_info = gr.Markdown()
+        with gr.Row():
+            controls = dict(
+                tpo_noise_step=gr.Slider(
+                    minimum=0, maximum=NOISE_STEPS - 1, step=1, precision=0, value=defaults["tpo_noise_step"]
+                ),
+                tpo_corruption=gr.Dropdown(choices=list(CORRUPTIONS), value=defaults["tpo_corruption"]),
+                tpo_reward_on=gr.Dropdown(choices=list(REWARD_SIDES), value=defaults["tpo_reward_on"]),
+                tpo_reward_offset=gr.Number(minimum=0, step=0.05, value=defaults["tpo_reward_offset"]),
+                tpo_score=gr.Dropdown(choices=list(SCORE_KINDS), value=defaults["tpo_score"]),
+                tpo_detach_reward=gr.Checkbox(value=defaults["tpo_detach_reward"]),
+            )
+
+    return dict(tpo_tab=tpo_tab, tpo_info=tpo_info, **controls)
+
+
+def input_elems(tpo_elems: dict[str, "Component"]) -> set["Component"]:
+    """The panel's value-holding controls: those preview, save/load and start must read."""
+    return {tpo_elems[key] for key in TPO_KEYS}
+
+
+def toggle_tpo_tab(stage: str) -> Any:
+    """Open the TPO panel when TPO is the chosen stage (given as LLaMA-Factory's stage key), close it otherwise."""
+    import gradio as gr
+
+    return gr.Accordion(open=stage == "tpo")
+
+
+def tpo_train_args(get: Callable[[str], Any]) -> dict[str, Any]:
+    """The arguments a TPO run takes from the UI: the RLHF panel's ``pref_*`` values, as LLaMA-Factory passes
+    them for DPO, and the TPO panel's ``tpo_*`` values as their YAML types (gradio hands numbers as floats)."""
+    args = {key: get(f"train.{key}") for key in PREF_KEYS}
+    for key in TPO_KEYS:
+        value, kind = get(f"train.{key}"), _FIELD_TYPES[key]
+        args[key] = kind(value) if kind in (int, float, bool) and value is not None else value
+    return args
+
+
+def check_tpo_args(args: dict[str, Any]) -> str:
+    """The message the CLI would refuse these training arguments with before training, or "" if none.
+
+    Runs the CLI's own checks on what the UI process can see cheaply: the fine-tuning and data arguments,
+    whether the datasets are ranking datasets, and the template; nothing is loaded. Whether the pairs have
+    images shows only once the data is loaded: the training process checks that before it loads the model,
+    and its message reaches the output box.
+    """
+    from .workflow import check_ranking_datasets
+
+    try:
+        check_ranking_datasets(_parse_tpo_args(args))
+        _check_template(args.get("template"))
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
+def _parse_tpo_args(args: dict[str, Any]) -> Any:
+    """Validate as LLaMA-Factory's parser does (``tpo_*`` ranges, TPO's refused options); return the data args."""
+    from llamafactory.hparams import DataArguments
+    from transformers import HfArgumentParser
+
+    from .hparams import TPOFinetuningArguments
+
+    data_args, _ = HfArgumentParser([DataArguments, TPOFinetuningArguments]).parse_dict(args, allow_extra_keys=True)
+    return data_args
+
+
+def _check_template(template_name: str | None) -> None:
+    """A template without an image plugin cannot feed images to the model (unknown names: left to the CLI)."""
+    from llamafactory.data import TEMPLATES
+
+    from .workflow import check_image_template
+
+    if template_name in TEMPLATES:
+        check_image_template(TEMPLATES[template_name], template_name)
+
+
+def _english_help(key: str) -> str:
+    """The YAML key's help text, without references to TPO_METHOD.md, which UI users do not have at hand."""
+    return re.sub(r" \(TPO_METHOD §\d+\)", "", _HELP[key])
+
+
+# label and info of each panel element, in LlamaBoard's five languages; English help is the YAML help text.
+_TEXTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "tpo_tab": {
+        "en": ("TPO configurations",),
+        "ru": ("Конфигурации TPO",),
+        "zh": ("TPO 参数设置",),
+        "ko": ("TPO 구성",),
+        "ja": ("TPO 設定",),
+    },
+    "tpo_noise_step": {
+        "en": ("Noise step", _english_help("tpo_noise_step")),
+        "ru": ("Шаг шума", "Шаг диффузии k при искажении изображения, целое число от 0 до 999. По умолчанию 500."),
+        "zh": ("加噪步数", "破坏图像所用的扩散步数 k，取值为 0-999 的整数。默认 500。"),
+        "ko": ("노이즈 단계", "이미지 손상에 사용하는 확산 단계 k, 0-999 사이의 정수. 기본값 500."),
+        "ja": ("ノイズステップ", "画像の破損に用いる拡散ステップ k（0〜999 の整数）。デフォルトは 500。"),
+    },
+    "tpo_corruption": {
+        "en": ("Image corruption", _english_help("tpo_corruption")),
+        "ru": (
+            "Искажение изображения",
+            "Как искажается изображение: `diffusion` — диффузионный шум на шаге tpo_noise_step, `blank` — белое "
+            "изображение того же размера. По умолчанию diffusion.",
+        ),
+        "zh": (
+            "图像破坏方式",
+            "图像的破坏方式：`diffusion` 在第 tpo_noise_step 步加入扩散噪声，`blank` 使用同尺寸的白色图像。"
+            "默认 diffusion。",
+        ),
+        "ko": (
+            "이미지 손상 방식",
+            "이미지를 손상시키는 방법: `diffusion`은 tpo_noise_step 단계의 확산 노이즈, `blank`는 같은 크기의 흰색 "
+            "이미지. 기본값 diffusion.",
+        ),
+        "ja": (
+            "画像の破損方法",
+            "画像の破損方法：`diffusion` は tpo_noise_step ステップの拡散ノイズ、`blank` は同じサイズの白い画像。"
+            "デフォルトは diffusion。",
+        ),
+    },
+    "tpo_reward_on": {
+        "en": ("Weighted responses", _english_help("tpo_reward_on")),
+        "ru": (
+            "Взвешиваемые ответы",
+            "Какой ответ получает веса токенов: `both` (оба), `chosen` (предпочтительный) или `rejected` "
+            "(отвергнутый); токены другого ответа получают вес 1. По умолчанию both.",
+        ),
+        "zh": (
+            "加权的回答",
+            "哪一侧回答使用 token 权重：`both`（两者）、`chosen`（优选回答）或 `rejected`（拒绝回答）；"
+            "另一侧的 token 权重为 1。默认 both。",
+        ),
+        "ko": (
+            "가중치 적용 응답",
+            "토큰 가중치를 받을 응답: `both`(둘 다), `chosen`(선호 응답) 또는 `rejected`(거부 응답). 다른 쪽 "
+            "토큰의 가중치는 1입니다. 기본값 both.",
+        ),
+        "ja": (
+            "重み付けする応答",
+            "トークン重みを付ける応答：`both`（両方）、`chosen`（選好応答）、`rejected`（却下応答）。"
+            "もう一方のトークンの重みは 1。デフォルトは both。",
+        ),
+    },
+    "tpo_reward_offset": {
+        "en": ("Weight offset", _english_help("tpo_reward_offset")),
+        "ru": ("Смещение веса", "Смещение a в весе токена c = a + sigmoid(±s), число >= 0. По умолчанию 0.5."),
+        "zh": ("权重偏移", "token 权重 c = a + sigmoid(±s) 中的偏移量 a，取值 >= 0 的浮点数。默认 0.5。"),
+        "ko": ("가중치 오프셋", "토큰 가중치 c = a + sigmoid(±s)의 오프셋 a, 0 이상의 실수. 기본값 0.5."),
+        "ja": (
+            "重みオフセット",
+            "トークン重み c = a + sigmoid(±s) のオフセット a（0 以上の実数）。デフォルトは 0.5。",
+        ),
+    },
+    "tpo_score": {
+        "en": ("Visual score", _english_help("tpo_score")),
+        "ru": (
+            "Визуальная оценка",
+            "Что визуальная оценка сравнивает между чистым и искажённым изображением: сырой `logit` целевого токена "
+            "(как в эталонном коде) или его `logprob`. По умолчанию logit.",
+        ),
+        "zh": (
+            "视觉分数",
+            "视觉分数在原始图像与破坏图像之间比较的量：目标 token 的原始 `logit`（参考实现）或其 `logprob`。"
+            "默认 logit。",
+        ),
+        "ko": (
+            "시각 점수",
+            "시각 점수가 원본 이미지와 손상된 이미지 사이에서 비교하는 값: 대상 토큰의 원시 `logit`(참조 코드) "
+            "또는 `logprob`. 기본값 logit.",
+        ),
+        "ja": (
+            "視覚スコア",
+            "視覚スコアが元画像と破損画像の間で比較する値：対象トークンの生の `logit`（参照実装）または `logprob`。"
+            "デフォルトは logit。",
+        ),
+    },
+    "tpo_detach_reward": {
+        "en": ("Detach reward", _english_help("tpo_detach_reward")),
+        "ru": (
+            "Отсоединить награду",
+            "Не пропускать градиенты через веса токенов политики; тогда проход политики по искажённому изображению "
+            "выполняется без графа, что дешевле. По умолчанию выключено.",
+        ),
+        "zh": (
+            "分离奖励梯度",
+            "不通过策略模型的 token 权重回传梯度；此时策略模型对破坏图像的前向计算无需计算图，开销更小。默认关闭。",
+        ),
+        "ko": (
+            "보상 그래디언트 분리",
+            "정책 모델의 토큰 가중치를 통한 그래디언트를 차단합니다. 손상된 이미지에 대한 정책 모델의 순전파가 "
+            "그래프 없이 실행되어 비용이 줄어듭니다. 기본값 false.",
+        ),
+        "ja": (
+            "報酬の勾配を切り離す",
+            "ポリシーのトークン重みを通る勾配を止めます。破損画像に対するポリシーの順伝播は計算グラフなしで実行され、"
+            "コストが下がります。デフォルトは false。",
+        ),
+    },
+}
+
+# tpo_info: a note at the top of the panel (a Markdown element, so its text is its "value").
+_INFO = {
+    "en": "β (`pref_beta`), the SFT loss weight (`pref_ftx`) and the loss type (`pref_loss`: sigmoid, hinge or ipo) "
+    "of the **RLHF configurations** apply to TPO as they do to DPO. Choose a ranking dataset with images and the "
+    "vision-language template of the model.",
+    "ru": "β (`pref_beta`), вес потерь SFT (`pref_ftx`) и тип функции потерь (`pref_loss`: sigmoid, hinge или ipo) "
+    "из **конфигураций RLHF** действуют для TPO так же, как для DPO. Выберите ранжированный набор данных с "
+    "изображениями и мультимодальный шаблон модели.",
+    "zh": "**RLHF 参数设置**中的 β（`pref_beta`）、SFT 损失权重（`pref_ftx`）和损失函数类型（`pref_loss`：sigmoid、"
+    "hinge 或 ipo）对 TPO 的作用与对 DPO 相同。请选择带图像的偏好（ranking）数据集和模型对应的多模态模板。",
+    "ko": "**RLHF 구성**의 β(`pref_beta`), SFT 손실 가중치(`pref_ftx`), 손실 함수 유형(`pref_loss`: sigmoid, hinge "
+    "또는 ipo)은 DPO와 마찬가지로 TPO에도 적용됩니다. 이미지가 있는 랭킹 데이터셋과 모델의 멀티모달 템플릿을 "
+    "선택하세요.",
+    "ja": "**RLHF 設定**の β（`pref_beta`）、SFT 損失の重み（`pref_ftx`）、損失関数の種類（`pref_loss`：sigmoid、"
+    "hinge、ipo）は DPO と同様に TPO にも適用されます。画像付きのランキングデータセットと、モデルのマルチモーダル"
+    "テンプレートを選んでください。",
+}
+
+
+def _locale_entry(texts: tuple[str, ...]) -> dict[str, str]:
+    return dict(zip(("label", "info"), texts, strict=False))
+
+
+# Entries for LLaMA-Factory's ``webui.locales.LOCALES``: element name -> language -> component properties.
+LOCALES: dict[str, dict[str, dict[str, str]]] = {
+    name: {lang: _locale_entry(texts[lang]) for lang in LANGUAGES} for name, texts in _TEXTS.items()
+}
+LOCALES["tpo_info"] = {lang: {"value": _INFO[lang]} for lang in LANGUAGES}
