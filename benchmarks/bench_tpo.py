@@ -50,6 +50,8 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from bench_child import REFERENCE_STRUCTURE, RESULT_ENV, TRAINER_ENV  # noqa: E402
 
+from tpo_plugin.tiny_models import OFFLINE_ENV  # noqa: E402
+
 
 # variant -> (recipe keys on top of the common ones, trainer swapped in by bench_child)
 VARIANTS = {
@@ -79,14 +81,6 @@ DEVICE_DEFAULTS = {
         "precision": "bf16",
         "threads": 0,
     },
-}
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DISABLE_VERSION_CHECK": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "WANDB_DISABLED": "true",
 }
 # Logged values of the first two steps that the reference-structure trainer must reproduce; not
 # rewards/accuracies, a fraction of pairs that rounding can flip while a margin is still near 0.

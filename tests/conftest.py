@@ -15,18 +15,11 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
+from tpo_plugin import tiny_models
 from tpo_plugin.tiny_models import build_tiny_model
 
 
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DISABLE_VERSION_CHECK": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-    "WANDB_DISABLED": "true",
-}
+OFFLINE_ENV = {**tiny_models.OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
 os.environ.update(OFFLINE_ENV)
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1"}
 TEMPLATES = {"qwen2_vl": "qwen2_vl", "llava": "llava"}
 
 
@@ -73,7 +72,7 @@ def demo_recipe(model_dir: Path, family: str, run_dir: Path, epochs: float) -> d
 
 
 def run(args: argparse.Namespace) -> int:
-    from .tiny_models import build_tiny_model
+    from .tiny_models import OFFLINE_ENV, build_tiny_model
 
     output_dir = Path(args.output_dir).resolve()
     run_dir = output_dir / "run"

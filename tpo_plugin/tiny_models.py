@@ -43,7 +43,17 @@ from transformers import (
 )
 
 
-__all__ = ["FAMILIES", "build_tiny_model", "make_demo_images"]
+__all__ = ["FAMILIES", "OFFLINE_ENV", "build_tiny_model", "make_demo_images"]
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "DISABLE_VERSION_CHECK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_DISABLED": "true",
+}
+"""Environment for LLaMA-Factory processes that must not reach any hub (the tiny models are local)."""
 
 FAMILIES = {"qwen2_vl": "qwen2_vl", "llava": "llava"}
 """Supported families, each mapped to the LLaMA-Factory ``template`` that trains it."""
