@@ -38,8 +38,16 @@ COLOURS = {"sft": "grey", "dpo": "tab:blue", "tpo": "tab:orange"}
 TOKEN_VIEW_SHOWN = 4  # pairs drawn and tabulated token by token; the means cover all viewed pairs
 
 
+def _shown(target: Path, results_path: Path) -> str:
+    """A path as the report shows it: relative to the report when it lies below the report's folder."""
+    try:
+        return str(target.relative_to(results_path.parent))
+    except ValueError:
+        return str(target)
+
+
 def write_results(
-    protocol: Protocol, runs: list[dict], views: dict, out: Path, path: Path, mode: str, seconds: float
+    protocol: Protocol, runs: list[dict], views: dict, out: Path, path: Path, mode: str, seconds: float, jobs: int
 ) -> None:
     """Write RESULTS.md (and its PNGs next to it) from the run records and token views."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,8 +56,11 @@ def write_results(
     sections = [
         "# Hallucination world: TPO vs DPO — results",
         f"Written by `python -m benchmarks.hallucination_world.run{' --quick' if mode == 'quick' else ''}` "
-        f"({mode} protocol, {len(runs)} runs, {seconds / 60:.1f} min). Settings: PROTOCOL.md and "
-        f"`{out / 'protocol.json'}`; every run's recipe, log, captions and metrics are under `{out}`.",
+        f"({mode} protocol, {len(runs)} runs; training and evaluation took "
+        f"{sum(run['train_seconds'] + run['eval_seconds'] for run in runs) / 60:.0f} min summed over runs, "
+        f"{jobs} at a time; this invocation took {seconds / 60:.1f} min, reusing runs "
+        f"already finished in the run folder). Settings: PROTOCOL.md and `{_shown(out / 'protocol.json', path)}`; "
+        f"every run's recipe, log, captions and metrics are under `{_shown(out, path)}`.",
         "## Outcome\n\n" + verdict(runs, protocol),
         "## Mean ± standard deviation over runs (n = runs per row)\n\n" + summary_table(runs),
         "## Paired differences TPO − DPO (same world, training seed and learning rate)\n\n" + paired_table(runs),
@@ -153,7 +164,9 @@ def plot_tradeoff(runs: list[dict], path: Path) -> None:
     colours = dict(COLOURS)
     lrs = sorted({run["learning_rate"] for run in runs if run["learning_rate"] is not None})
     for (variant, lr), group in _groups(runs).items():
-        colour = colours.setdefault(variant, next(ablation_colours))
+        if variant not in colours:  # not setdefault: its default would draw a colour for every group
+            colours[variant] = next(ablation_colours)
+        colour = colours[variant]
         marker = "*" if lr is None else markers[lrs.index(lr) % len(markers)]
         label = variant if lr is None else f"{variant} (lr {lr:g})"
         for axis, key in zip(axes, ("partner_recall", "recall"), strict=True):

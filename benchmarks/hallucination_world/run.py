@@ -51,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = run_protocol(protocol, out, args.jobs)
     views = per_token_views(protocol, out)
     (out / "token_view.json").write_text(json.dumps(views, indent=1))
-    report.write_results(
-        protocol, runs, views, out, results_path, "quick" if args.quick else "full", time.perf_counter() - start
-    )
+    mode = "quick" if args.quick else "full"
+    report.write_results(protocol, runs, views, out, results_path, mode, time.perf_counter() - start, args.jobs)
     print(f"[hallucination-world] {len(runs)} runs in {time.perf_counter() - start:.0f} s; report: {results_path}")
     return 0
 
