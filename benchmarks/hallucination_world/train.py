@@ -14,14 +14,11 @@ from typing import Any
 
 import yaml
 
+from tpo_plugin import tiny_models
+
 
 OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "DISABLE_VERSION_CHECK": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "WANDB_DISABLED": "true",
+    **tiny_models.OFFLINE_ENV,
     # One thread per training process: on 2 shared cores, torch's default thread pool oversubscribes the CPU
     # and a run became ten times slower in the pilot (PROTOCOL.md); a 1 M parameter model gains little from two.
     "OMP_NUM_THREADS": "1",
