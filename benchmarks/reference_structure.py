@@ -86,8 +86,14 @@ class ReferenceStructureTPOTrainer(CustomTPOTrainer):
             )
         return loss, metrics
 
-    def _token_scores(self, model, inputs: dict[str, Any], labels: torch.Tensor) -> tuple[TokenScores, torch.Tensor]:
-        """One forward per branch of n rows; the scores and each row's mean logit, rows in the order given."""
+    def _token_scores(
+        self, model, inputs: dict[str, Any], labels: torch.Tensor, passes: int = 1, reference: bool = False
+    ) -> tuple[TokenScores, torch.Tensor]:
+        """One forward per branch of n rows; the scores and each row's mean logit, rows in the order given.
+
+        Every branch encodes its images anew, as the reference code does: the plugin's image feature cache
+        (``passes``, ``reference``) is not used.
+        """
         batch_rows, num_pairs = len(self._images_per_row), len(self._images_per_row) // 2
         if labels.size(0) % batch_rows:
             raise RuntimeError(

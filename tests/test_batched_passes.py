@@ -1,16 +1,25 @@
 """The efficient paths give the results of the straightforward ones: clean and corrupted rows in one forward
-equal two forwards, and corrupted inputs built once per pair equal those built for every row."""
+equal two forwards, corrupted inputs built once per pair equal those built for every row, and image features
+encoded once per step equal (with their gradients) those encoded for every row and forward."""
 
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+import tpo_plugin.trainer
 from tpo_plugin.collator import PAIR_IMAGES_KEY, TPODataCollatorWithPadding
 from tpo_plugin.corruption import ImageCorrupter, corrupt_image
+from tpo_plugin.image_features import (
+    ImageFeatureCache,
+    image_feature_owner,
+    join_block_features,
+    vision_path_is_frozen,
+)
 from tpo_plugin.objective import target_token_scores
 from tpo_plugin.trainer import concat_rows
 
-from conftest import train_config
+from conftest import log_history, train_config
 
 
 def pairwise_batch(family, model_dirs, dataset_dir, tmp_path):
@@ -72,3 +81,197 @@ def test_corrupted_inputs_built_once_per_pair_equal_per_row(family, model_dirs, 
     assert set(reused) == set(per_row) and "pixel_values" in reused
     for key, value in per_row.items():
         assert torch.equal(reused[key], value), key
+
+
+def vision_encoder(model):
+    owner = image_feature_owner(model)
+    return getattr(owner, "visual", None) or owner.vision_tower
+
+
+def count_encoded_images(model) -> list[int]:
+    """A running count of the images the model's vision tower encodes."""
+    count = [0]
+
+    def record(module, args, kwargs):
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        count[0] += len(grid) if grid is not None else len(args[0] if args else kwargs["pixel_values"])
+
+    vision_encoder(model).register_forward_pre_hook(record, with_kwargs=True)
+    return count
+
+
+def joined_batch(family, model_dirs, dataset_dir, tmp_path):
+    model, corrupter, _, _, batch = pairwise_batch(family, model_dirs, dataset_dir, tmp_path)
+    pair_images = batch.pop(PAIR_IMAGES_KEY)
+    labels = batch.pop("labels")
+    corrupted = {**batch, **corrupter.corrupted_inputs(pair_images, batch, step_key=1)}
+    return model, concat_rows(batch, corrupted), labels.repeat(2, 1)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+@pytest.mark.parametrize("share_with_reference", [True, False])
+def test_frozen_vision_tower_encodes_each_image_once_per_step(
+    family, share_with_reference, model_dirs, dataset_dir, tmp_path
+):
+    model, joined, labels = joined_batch(family, model_dirs, dataset_dir, tmp_path)
+    model.requires_grad_(False)
+    model.get_decoder().requires_grad_(True)  # LLaMA-Factory's default: the language model trains
+    encoded = count_encoded_images(model)
+    images = 4 * 3  # 3 pairs, one image each: chosen and rejected rows, clean and corrupted
+
+    plain = model(**joined).logits
+    assert encoded[0] == images
+
+    cache = ImageFeatureCache(enabled=True, share_with_reference=share_with_reference)
+    with cache.encode_once(model, num_blocks=4, reference=False):
+        policy = model(**joined).logits
+    assert encoded[0] == images + 6  # each distinct image once: 3 clean, 3 corrupted
+    with torch.no_grad(), cache.encode_once(model, num_blocks=4, reference=True):
+        reference = model(**joined).logits
+    assert encoded[0] == images + (6 if share_with_reference else 12)
+
+    torch.testing.assert_close(policy, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reference, plain.detach(), rtol=1e-5, atol=1e-5)
+    assert policy.requires_grad and not reference.requires_grad
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_trainable_vision_tower_gets_the_gradients_of_encoding_every_row(family, model_dirs, dataset_dir, tmp_path):
+    model, joined, labels = joined_batch(family, model_dirs, dataset_dir, tmp_path)
+    model.requires_grad_(True)
+    encoder_params = [param for param in vision_encoder(model).parameters()]
+    encoded = count_encoded_images(model)
+
+    def loss_and_encoder_grads():
+        model.zero_grad()
+        scores = target_token_scores(model(**joined).logits, labels)
+        loss = (scores.logp.sum(-1) * torch.arange(1.0, labels.size(0) + 1)).sum()  # every row counts differently
+        loss.backward()
+        return loss.detach(), [None if param.grad is None else param.grad.clone() for param in encoder_params]
+
+    plain_loss, plain_grads = loss_and_encoder_grads()
+    cache = ImageFeatureCache(enabled=True, share_with_reference=False)
+    with cache.encode_once(model, num_blocks=4, reference=False):
+        cached_loss, cached_grads = loss_and_encoder_grads()
+        assert encoded[0] == 12 + 6
+        with torch.no_grad():  # the same images without a graph: the graph-carrying features are not reused
+            detached = model(**joined).logits
+        assert encoded[0] == 12 + 12 and not detached.requires_grad
+
+    torch.testing.assert_close(cached_loss, plain_loss, rtol=1e-5, atol=1e-5)
+    for cached, plain in zip(cached_grads, plain_grads, strict=True):  # LLaVA's unused last layer has none
+        assert (cached is None) == (plain is None)
+        if plain is not None:
+            torch.testing.assert_close(cached, plain, rtol=1e-4, atol=1e-6)
+    assert any(grad is not None and grad.abs().sum() > 0 for grad in cached_grads)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_blocks_that_do_not_split_evenly_are_encoded_as_one_call(family, model_dirs, dataset_dir, tmp_path):
+    model, joined, _ = joined_batch(family, model_dirs, dataset_dir, tmp_path)
+    encoded = count_encoded_images(model)
+    with torch.no_grad(), ImageFeatureCache(enabled=True, share_with_reference=True).encode_once(model, 5, False):
+        model(**joined)
+    assert encoded[0] == 12
+
+
+def test_block_features_join_in_call_order():
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+    def block(first_image, layers=2):
+        images = (torch.full((2, 3), first_image), torch.full((2, 3), first_image + 1.0))
+        deepstack = [torch.full((4, 3), first_image * 10 + layer) for layer in range(layers)]
+        return BaseModelOutputWithDeepstackFeatures(pooler_output=images, deepstack_features=deepstack)
+
+    joined = join_block_features([block(0.0), block(2.0), block(0.0)])
+    assert [int(image[0, 0]) for image in joined.pooler_output] == [0, 1, 2, 3, 0, 1]
+    assert [layer[:, 0].tolist() for layer in joined.deepstack_features] == [
+        [0] * 4 + [20] * 4 + [0] * 4,
+        [1] * 4 + [21] * 4 + [1] * 4,
+    ]
+
+    stacked = join_block_features(
+        [BaseModelOutputWithPooling(pooler_output=torch.full((2, 5, 3), value)) for value in (1.0, 2.0)]
+    )
+    assert stacked.pooler_output[:, 0, 0].tolist() == [1.0, 1.0, 2.0, 2.0]
+
+
+def test_vision_path_is_frozen_sees_adapters_in_the_vision_tower(model_dirs):
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dirs["qwen2_vl"])
+    language_only = get_peft_model(model, LoraConfig(target_modules=r".*language_model.*\.q_proj"))
+    assert vision_path_is_frozen(image_feature_owner(language_only))
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dirs["qwen2_vl"])
+    with_vision = get_peft_model(model, LoraConfig(target_modules=r".*(language_model.*\.q_proj|visual.*\.qkv)"))
+    assert not vision_path_is_frozen(image_feature_owner(with_vision))
+
+
+@pytest.fixture
+def encoded_images_per_step(monkeypatch):
+    """Images encoded by any vision tower (policy and reference model) in each training step."""
+    from transformers import CLIPVisionModel, TrainerCallback
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    counts, total = [], [0]
+    for tower, count_images in (
+        (Qwen2VisionTransformerPretrainedModel, lambda args, kwargs: len(kwargs["grid_thw"])),
+        (CLIPVisionModel, lambda args, kwargs: len(kwargs.get("pixel_values", args[0] if args else None))),
+    ):
+
+        def counting_forward(self, *args, _forward=tower.forward, _count=count_images, **kwargs):
+            total[0] += _count(args, kwargs)
+            return _forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(tower, "forward", counting_forward)
+
+    class PerStep(TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            counts.append(total[0] - sum(counts))
+
+    return counts, PerStep()
+
+
+def load_reference_structure_trainer():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "reference_structure.py"
+    spec = importlib.util.spec_from_file_location("reference_structure", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ReferenceStructureTPOTrainer
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("family", "overrides", "per_step"),
+    [
+        # LoRA, frozen vision tower: 2 pairs' clean and corrupted images once each, shared with the reference.
+        ("qwen2_vl", {}, 4),
+        ("llava", {"tpo_detach_reward": True}, 4),
+        # A trainable vision tower: chosen and rejected rows share an encoding within each forward, no more.
+        ("qwen2_vl", {"finetuning_type": "full", "freeze_vision_tower": False, "tpo_detach_reward": True}, 8),
+    ],
+)
+def test_training_encodes_each_image_once_and_equals_the_reference_structure(
+    family, overrides, per_step, model_dirs, dataset_dir, tmp_path, monkeypatch, encoded_images_per_step
+):
+    from llamafactory.train.tuner import run_exp
+
+    counts, callback = encoded_images_per_step
+    runs = {}
+    for name in ("tpo", "reference_structure"):
+        if name == "reference_structure":  # 8 forwards of 2 rows, each encoding its own images: 16 per step
+            monkeypatch.setattr(tpo_plugin.trainer, "CustomTPOTrainer", load_reference_structure_trainer())
+        config = train_config(model_dirs[family], family, dataset_dir, tmp_path / name, **overrides)
+        if config["finetuning_type"] == "full":
+            config.pop("lora_target")
+        run_exp(args=config, callbacks=[callback])
+        runs[name] = [entry for entry in log_history(tmp_path / name) if "loss" in entry]
+
+    assert counts == [per_step, per_step, 16, 16]
+    for fast, straightforward in zip(runs["tpo"], runs["reference_structure"], strict=True):
+        for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "tpo/score_chosen", "tpo/weight_rejected"):
+            assert fast[key] == pytest.approx(straightforward[key], rel=1e-5, abs=1e-6), key

@@ -13,10 +13,12 @@ import torch
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
 from llamafactory.train.trainer_utils import nested_detach
 from peft import PeftModel
+from transformers.integrations import is_deepspeed_zero3_enabled
 from typing_extensions import override
 
 from .collator import PAIR_IMAGES_KEY
 from .corruption import EVAL_STEP_KEY, ImageCorrupter
+from .image_features import ImageFeatureCache, image_feature_owner, vision_path_is_frozen
 from .objective import (
     TokenScores,
     masked_mean,
@@ -60,19 +62,46 @@ class CustomTPOTrainer(CustomDPOTrainer):
     def __init__(self, image_corrupter: ImageCorrupter, **kwargs):
         self.image_corrupter = image_corrupter
         super().__init__(**kwargs)
+        # Under ZeRO-3 and FSDP every rank must run the same modules in the same order (parameters are
+        # gathered per module), which skipping encodings depending on a batch's content would break.
+        owner = image_feature_owner(self.model)
+        self.image_features = ImageFeatureCache(
+            enabled=not (is_deepspeed_zero3_enabled() or self.is_fsdp_enabled),
+            share_with_reference=(
+                self.finetuning_args.ref_model is None and owner is not None and vision_path_is_frozen(owner)
+            ),
+        )
 
     def _token_scores(
-        self, model: "PreTrainedModel", inputs: dict[str, Any], labels: torch.Tensor
+        self,
+        model: "PreTrainedModel",
+        inputs: dict[str, Any],
+        labels: torch.Tensor,
+        passes: int = 1,
+        reference: bool = False,
     ) -> tuple[TokenScores, torch.Tensor]:
-        """One forward pass: per-token target scores and each row's mean logit (LLaMA-Factory's `logits/*`)."""
-        logits = model(**inputs, return_dict=True, use_cache=False).logits
+        """One forward pass: per-token target scores and each row's mean logit (LLaMA-Factory's `logits/*`).
+
+        The rows are ``passes`` passes (clean, corrupted) over the chosen rows and then the rejected rows of
+        the same pairs, so their images form ``2 * passes`` equal blocks, encoded once per step each.
+        """
+        unwrapped = self.accelerator.unwrap_model(model)
+        with self.image_features.encode_once(unwrapped, num_blocks=2 * passes, reference=reference):
+            logits = model(**inputs, return_dict=True, use_cache=False).logits
         return target_token_scores(logits, labels), logits.detach().mean(dim=(1, 2), dtype=torch.float32)
 
     def _paired_token_scores(
-        self, model: "PreTrainedModel", inputs: dict[str, Any], corrupted_inputs: dict[str, Any], labels: torch.Tensor
+        self,
+        model: "PreTrainedModel",
+        inputs: dict[str, Any],
+        corrupted_inputs: dict[str, Any],
+        labels: torch.Tensor,
+        reference: bool = False,
     ) -> tuple[tuple[TokenScores, TokenScores], torch.Tensor]:
         """Clean and corrupted passes as one forward over twice the rows; mean logits of the clean rows."""
-        scores, mean_logits = self._token_scores(model, concat_rows(inputs, corrupted_inputs), labels.repeat(2, 1))
+        scores, mean_logits = self._token_scores(
+            model, concat_rows(inputs, corrupted_inputs), labels.repeat(2, 1), passes=2, reference=reference
+        )
         num_rows = labels.size(0)
         clean, corrupted = (TokenScores(*(field.split(num_rows)[part] for field in scores)) for part in (0, 1))
         return (clean, corrupted), mean_logits[:num_rows]
@@ -135,6 +164,7 @@ class CustomTPOTrainer(CustomDPOTrainer):
         num_pairs = labels.size(0) // 2
         has_image = torch.tensor([len(images) > 0 for images in pair_images] * 2, device=labels.device)
 
+        self.image_features.clear()  # features of an earlier step's images are not reused
         step_key = self.state.global_step if train_eval == "train" else EVAL_STEP_KEY
         corrupted_mm_inputs = self.image_corrupter.corrupted_inputs(pair_images, inputs, step_key)
         corrupted_inputs = None
@@ -154,9 +184,12 @@ class CustomTPOTrainer(CustomDPOTrainer):
 
         with torch.no_grad(), self._reference_context(model) as ref_model:
             if corrupted_inputs is None:
-                ref_clean, ref_corrupted = self._token_scores(ref_model, inputs, labels)[0], None
+                ref_clean, ref_corrupted = self._token_scores(ref_model, inputs, labels, reference=True)[0], None
             else:
-                (ref_clean, ref_corrupted), _ = self._paired_token_scores(ref_model, inputs, corrupted_inputs, labels)
+                (ref_clean, ref_corrupted), _ = self._paired_token_scores(
+                    ref_model, inputs, corrupted_inputs, labels, reference=True
+                )
+        self.image_features.clear()
 
         result = tpo_batch_loss(
             policy_clean,
