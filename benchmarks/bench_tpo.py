@@ -61,7 +61,7 @@ VARIANTS = {
     "tpo_reference_structure": ({"stage": "tpo"}, REFERENCE_STRUCTURE),
 }
 CONFIGS = ("lora", "full")
-MODELS = ("tiny", "qwen2-vl-2b", "qwen2-vl-2b-mini")
+MODELS = ("tiny", "qwen2-vl-2b", "qwen2-vl-2b-narrow", "qwen2-vl-2b-mini")
 DEVICE_DEFAULTS = {
     "cpu": {
         "model": "tiny",
@@ -112,7 +112,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=sorted(DEVICE_DEFAULTS), default="cpu")
     parser.add_argument("--config", default="lora", help="lora, full, or both comma-separated (default: lora)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
-    parser.add_argument("--model", choices=MODELS, help="tiny (CPU default) or qwen2-vl-2b (GPU default)")
+    parser.add_argument("--model", choices=MODELS, help="tiny (CPU default), qwen2-vl-2b (GPU default) or a scaling")
     parser.add_argument("--image-size", type=int, help="square image side in pixels (CPU 112, GPU 448)")
     parser.add_argument("--answer-tokens", type=int, help="approximate tokens per answer (CPU 64, GPU 180)")
     parser.add_argument("--question-tokens", type=int, default=20, help="approximate tokens per question")

@@ -61,6 +61,23 @@ SHAPES = {
         },
         "vision": {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4},
     },
+    # Qwen2-VL-2B's depths and cost balance (a 448x448 image in the vision tower ~ a 480-token row in the
+    # language model; LM head ~15 % of a row) at 1/8 of its widths and vocabulary: the GPU configuration's
+    # arithmetic at ~1/64 of its cost, so a CPU can time how the passes add up.
+    "qwen2-vl-2b-narrow": {
+        "text": {
+            "hidden_size": 192,
+            "intermediate_size": 1120,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 2,
+            "vocab_size": 18992,
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-6,
+            "max_window_layers": 28,
+        },
+        "vision": {"depth": 32, "embed_dim": 160, "num_heads": 10, "mlp_ratio": 4},
+    },
     # The same structure, small enough for a CPU test of the GPU code path.
     "qwen2-vl-2b-mini": {
         "text": {

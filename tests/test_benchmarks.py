@@ -65,3 +65,16 @@ def test_gpu_model_has_qwen2_vl_2b_shape():
     assert sum(param.numel() for param in model.parameters()) == 2_208_985_600  # Qwen2-VL-2B-Instruct's count
     assert len(processor.tokenizer) == config.text_config.vocab_size == 151936
     assert processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") == config.image_token_id
+
+
+def test_narrow_model_keeps_the_2b_cost_balance_at_an_eighth_of_the_widths():
+    spec = importlib.util.spec_from_file_location("bench_models", BENCHMARKS / "models.py")
+    models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(models)
+    full, narrow = models.SHAPES["qwen2-vl-2b"], models.SHAPES["qwen2-vl-2b-narrow"]
+    for part, widths in (("text", ("hidden_size", "intermediate_size", "vocab_size")), ("vision", ("embed_dim",))):
+        for key in widths:
+            assert narrow[part][key] * 8 == full[part][key], (part, key)
+    assert narrow["text"]["num_hidden_layers"] == full["text"]["num_hidden_layers"]
+    assert narrow["vision"]["depth"] == full["vision"]["depth"]
+    assert narrow["vision"]["mlp_ratio"] == full["vision"]["mlp_ratio"]
