@@ -22,6 +22,8 @@ gradient norm and metrics as the plugin's trainer in the first two steps.
     python benchmarks/bench_tpo.py --device cuda --config lora       # Qwen2-VL-2B shape, 448x448, bf16
     python benchmarks/bench_tpo.py --device cpu --model qwen2-vl-2b-mini --image-size 448 \\
         --answer-tokens 180 --precision bf16                         # the GPU code path, scaled down, on a CPU
+    python benchmarks/bench_tpo.py --device cpu --model qwen2-vl-2b-narrow --image-size 448 \\
+        --answer-tokens 180 --threads 2 --warmup-steps 1 --measured-steps 3  # the GPU arithmetic / 64, ~8 min
 
 Everything is built locally (random weights, a locally trained tokenizer, PIL images): nothing is downloaded.
 """

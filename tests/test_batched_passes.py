@@ -16,8 +16,8 @@ from tpo_plugin.image_features import (
     join_block_features,
     vision_path_is_frozen,
 )
-from tpo_plugin.objective import target_token_scores
-from tpo_plugin.trainer import concat_rows
+from tpo_plugin.objective import first_scored_position, target_token_scores
+from tpo_plugin.trainer import concat_rows, logits_from_position
 
 from conftest import log_history, train_config
 
@@ -81,6 +81,43 @@ def test_corrupted_inputs_built_once_per_pair_equal_per_row(family, model_dirs, 
     assert set(reused) == set(per_row) and "pixel_values" in reused
     for key, value in per_row.items():
         assert torch.equal(reused[key], value), key
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_logits_from_the_first_answer_position_score_and_average_like_all_logits(
+    family, model_dirs, dataset_dir, tmp_path
+):
+    model, joined, labels = joined_batch(family, model_dirs, dataset_dir, tmp_path)
+    first_position = first_scored_position(labels)
+    assert first_position > 10  # the prompt (image tokens, question) is really left out
+
+    def scores_and_grads(keep_from):
+        model.zero_grad()
+        mean_logits = []
+        if keep_from is None:
+            logits = model(**joined).logits
+            mean_logits.append(logits.detach().mean(dim=(1, 2)))
+            scores = target_token_scores(logits, labels)
+        else:
+            with logits_from_position(model, keep_from, mean_logits) as used:
+                logits = model(**joined).logits
+            assert used == keep_from and logits.size(1) == labels.size(1) - keep_from
+            scores = target_token_scores(logits, labels[:, keep_from:])
+        (scores.logp.sum() + scores.logit.sum()).backward()
+        grads = [param.grad.clone() for param in model.get_decoder().parameters() if param.grad is not None]
+        return scores, mean_logits[0], grads
+
+    all_scores, all_means, all_grads = scores_and_grads(None)
+    kept_scores, kept_means, kept_grads = scores_and_grads(first_position)
+
+    for name in ("logit", "logp", "mask"):  # the dropped positions score nothing
+        dropped = getattr(all_scores, name)[:, :first_position]
+        assert not dropped.any()
+        torch.testing.assert_close(getattr(kept_scores, name), getattr(all_scores, name)[:, first_position:])
+    torch.testing.assert_close(kept_means, all_means, rtol=1e-5, atol=1e-7)
+    assert len(kept_grads) == len(all_grads) > 0
+    for kept, full in zip(kept_grads, all_grads, strict=True):
+        torch.testing.assert_close(kept, full, rtol=1e-4, atol=1e-6)
 
 
 def vision_encoder(model):
@@ -273,5 +310,13 @@ def test_training_encodes_each_image_once_and_equals_the_reference_structure(
 
     assert counts == [per_step, per_step, 16, 16]
     for fast, straightforward in zip(runs["tpo"], runs["reference_structure"], strict=True):
-        for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "tpo/score_chosen", "tpo/weight_rejected"):
+        for key in (
+            "loss",
+            "grad_norm",
+            "rewards/margins",
+            "logps/chosen",
+            "logits/chosen",
+            "tpo/score_chosen",
+            "tpo/weight_rejected",
+        ):
             assert fast[key] == pytest.approx(straightforward[key], rel=1e-5, abs=1e-6), key

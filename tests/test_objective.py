@@ -12,6 +12,7 @@ import torch
 from tpo_plugin.objective import (
     IGNORE_INDEX,
     TokenScores,
+    first_scored_position,
     log_token_weight,
     preference_losses,
     target_token_scores,
@@ -25,6 +26,14 @@ def sigmoid(x: float) -> float:
 
 def log_sigmoid(x: float) -> float:
     return -math.log1p(math.exp(-x))
+
+
+def test_first_scored_position_is_one_before_the_earliest_response_label():
+    ignore = IGNORE_INDEX
+    labels = torch.tensor([[ignore, ignore, ignore, 5, 6], [ignore, ignore, 7, 8, ignore]])
+    assert first_scored_position(labels) == 1  # position 1 predicts row 1's first answer token (index 2)
+    assert first_scored_position(torch.tensor([[4, 5, ignore]])) == 0
+    assert first_scored_position(torch.full((2, 3), ignore)) == 0
 
 
 def test_target_token_scores_shift_gather_and_mask():

@@ -87,6 +87,17 @@ def target_token_scores(logits: torch.Tensor, labels: torch.Tensor) -> TokenScor
     return TokenScores(scatter(target_logit), scatter(target_logit - log_normalizer), mask[:, :-1])
 
 
+def first_scored_position(labels: torch.Tensor) -> int:
+    """The first position whose logits score a response token in any row (TPO_METHOD §4 scores no other).
+
+    Position t predicts label t + 1, so it is one before the earliest response label; 0 if there is none.
+    """
+    is_response = labels != IGNORE_INDEX
+    if not is_response.any():
+        return 0
+    return max(0, int(is_response.any(dim=0).nonzero()[0]) - 1)
+
+
 def visual_score(clean: torch.Tensor, corrupted: torch.Tensor) -> torch.Tensor:
     r"""Visual-anchored score ``s_i = z(y_i | x, v) - z(y_i | x, v_k)`` (TPO_METHOD §2).
 

@@ -21,6 +21,7 @@ from .corruption import EVAL_STEP_KEY, ImageCorrupter
 from .image_features import ImageFeatureCache, image_feature_owner, vision_path_is_frozen
 from .objective import (
     TokenScores,
+    first_scored_position,
     masked_mean,
     target_token_scores,
     tpo_batch_loss,
@@ -58,6 +59,40 @@ def concat_rows(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]
     return joined
 
 
+@contextmanager
+def logits_from_position(model: "PreTrainedModel", first_position: int, mean_logits: list[torch.Tensor]):
+    """While active, ``model`` computes logits only from ``first_position`` on; yields the position it uses.
+
+    Earlier positions predict prompt tokens, which TPO never scores; with a 448x448 image (256 image tokens)
+    they are over half of a row, and the (rows, positions, vocabulary) logits are a step's largest tensor.
+    ``mean_logits`` still receives each row's mean logit over all positions and the whole vocabulary
+    (LLaMA-Factory's ``logits/*`` metrics), without those logits: mean_v(h . w_v + b_v) = h . mean_v(w_v)
+    + mean_v(b_v). An LM head other than a plain linear layer computes all logits, as before.
+    """
+    lm_head = model.get_output_embeddings()
+
+    def keep_scored_positions(module: torch.nn.Linear, args: tuple) -> tuple:
+        hidden = args[0].detach()
+        row_means = hidden.float() @ module.weight.detach().mean(dim=0, dtype=torch.float32)
+        if module.bias is not None:
+            row_means += module.bias.detach().mean(dtype=torch.float32)
+        mean_logits.append(row_means.mean(dim=-1))
+        return (args[0][:, first_position:],)
+
+    def mean_of_all_logits(module: torch.nn.Module, args: tuple, logits: torch.Tensor) -> None:
+        mean_logits.append(logits.detach().mean(dim=(1, 2), dtype=torch.float32))
+
+    if type(lm_head) is torch.nn.Linear:
+        handle = lm_head.register_forward_pre_hook(keep_scored_positions)
+    else:
+        first_position = 0
+        handle = lm_head.register_forward_hook(mean_of_all_logits)
+    try:
+        yield first_position
+    finally:
+        handle.remove()
+
+
 class CustomTPOTrainer(CustomDPOTrainer):
     def __init__(self, image_corrupter: ImageCorrupter, **kwargs):
         self.image_corrupter = image_corrupter
@@ -86,9 +121,13 @@ class CustomTPOTrainer(CustomDPOTrainer):
         the same pairs, so their images form ``2 * passes`` equal blocks, encoded once per step each.
         """
         unwrapped = self.accelerator.unwrap_model(model)
-        with self.image_features.encode_once(unwrapped, num_blocks=2 * passes, reference=reference):
+        mean_logits = []
+        with (
+            self.image_features.encode_once(unwrapped, num_blocks=2 * passes, reference=reference),
+            logits_from_position(unwrapped, first_scored_position(labels), mean_logits) as first_position,
+        ):
             logits = model(**inputs, return_dict=True, use_cache=False).logits
-        return target_token_scores(logits, labels), logits.detach().mean(dim=(1, 2), dtype=torch.float32)
+        return target_token_scores(logits, labels[:, first_position:]), mean_logits[0]
 
     def _paired_token_scores(
         self,
@@ -189,7 +228,7 @@ class CustomTPOTrainer(CustomDPOTrainer):
                 (ref_clean, ref_corrupted), _ = self._paired_token_scores(
                     ref_model, inputs, corrupted_inputs, labels, reference=True
                 )
-        self.image_features.clear()
+        self.image_features.clear()  # the step's forwards are done: free the features
 
         result = tpo_batch_loss(
             policy_clean,
