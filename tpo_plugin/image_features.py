@@ -77,7 +77,7 @@ def _join_images(features: list[Any]) -> Any:
 
 def _split_call(args: tuple, kwargs: dict, num_blocks: int) -> list[tuple[tuple, dict]] | None:
     """The call's arguments for each of ``num_blocks`` equal blocks along dim 0, or ``None`` if they don't split."""
-    tensors = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
+    tensors = _tensors((args, kwargs))
     if not tensors or any(tensor.size(0) % num_blocks for tensor in tensors):
         return None
 
@@ -89,14 +89,10 @@ def _split_call(args: tuple, kwargs: dict, num_blocks: int) -> list[tuple[tuple,
         for index in range(num_blocks)
     ]
     # Grids and sizes must agree across blocks, or the pixel blocks would not start at image boundaries.
-    layouts = [[value for value in (*call[0], *call[1].values()) if _is_layout(value)] for call in calls]
+    layouts = [[tensor for tensor in _tensors(call) if not tensor.is_floating_point()] for call in calls]
     if any(not _all_equal(layout, layouts[0]) for layout in layouts[1:]):
         return None
     return calls
-
-
-def _is_layout(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and not value.is_floating_point()
 
 
 def _tensors(call: tuple[tuple, dict]) -> list[torch.Tensor]:
