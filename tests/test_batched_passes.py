@@ -159,7 +159,7 @@ def test_frozen_vision_tower_encodes_each_image_once_per_step(
     plain = model(**joined).logits
     assert encoded[0] == images
 
-    cache = ImageFeatureCache(enabled=True, share_with_reference=share_with_reference)
+    cache = ImageFeatureCache(reuse_encodings=True, share_with_reference=share_with_reference)
     with cache.encode_once(model, num_blocks=4, reference=False):
         policy = model(**joined).logits
     assert encoded[0] == images + 6  # each distinct image once: 3 clean, 3 corrupted
@@ -170,6 +170,39 @@ def test_frozen_vision_tower_encodes_each_image_once_per_step(
     torch.testing.assert_close(policy, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(reference, plain.detach(), rtol=1e-5, atol=1e-5)
     assert policy.requires_grad and not reference.requires_grad
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_without_reuse_a_frozen_vision_tower_is_encoded_every_time_but_without_a_graph(
+    family, model_dirs, dataset_dir, tmp_path
+):
+    model, joined, labels = joined_batch(family, model_dirs, dataset_dir, tmp_path)
+    model.requires_grad_(False)
+    model.get_decoder().requires_grad_(True)
+    model.enable_input_require_grads()  # as LLaMA-Factory does for gradient checkpointing
+    encoded = count_encoded_images(model)
+    vision_output_has_graph = []
+    vision_encoder(model).register_forward_hook(
+        lambda module, args, output: vision_output_has_graph.append(output.pooler_output.requires_grad)
+    )
+
+    def decoder_grads():
+        model.zero_grad()
+        target_token_scores(model(**joined).logits, labels).logp.sum().backward()
+        return [param.grad.clone() for param in model.get_decoder().parameters() if param.grad is not None]
+
+    plain = decoder_grads()
+    assert vision_output_has_graph == [True]  # without the cache, backward would run through the frozen tower
+    cache = ImageFeatureCache(reuse_encodings=False, share_with_reference=True)
+    with cache.encode_once(model, num_blocks=4, reference=False):
+        cached = decoder_grads()
+    with torch.no_grad(), cache.encode_once(model, num_blocks=4, reference=True):
+        model(**joined)
+
+    assert encoded[0] == 3 * 12 and vision_output_has_graph == [True, False, False]
+    assert len(cached) == len(plain) > 0
+    for got, expected in zip(cached, plain, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
@@ -187,7 +220,7 @@ def test_trainable_vision_tower_gets_the_gradients_of_encoding_every_row(family,
         return loss.detach(), [None if param.grad is None else param.grad.clone() for param in encoder_params]
 
     plain_loss, plain_grads = loss_and_encoder_grads()
-    cache = ImageFeatureCache(enabled=True, share_with_reference=False)
+    cache = ImageFeatureCache(reuse_encodings=True, share_with_reference=False)
     with cache.encode_once(model, num_blocks=4, reference=False):
         cached_loss, cached_grads = loss_and_encoder_grads()
         assert encoded[0] == 12 + 6
@@ -207,7 +240,10 @@ def test_trainable_vision_tower_gets_the_gradients_of_encoding_every_row(family,
 def test_blocks_that_do_not_split_evenly_are_encoded_as_one_call(family, model_dirs, dataset_dir, tmp_path):
     model, joined, _ = joined_batch(family, model_dirs, dataset_dir, tmp_path)
     encoded = count_encoded_images(model)
-    with torch.no_grad(), ImageFeatureCache(enabled=True, share_with_reference=True).encode_once(model, 5, False):
+    with (
+        torch.no_grad(),
+        ImageFeatureCache(reuse_encodings=True, share_with_reference=True).encode_once(model, 5, False),
+    ):
         model(**joined)
     assert encoded[0] == 12
 

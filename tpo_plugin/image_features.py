@@ -11,11 +11,12 @@ vision tower.
 ``ImageFeatureCache.encode_once`` wraps the forwards the trainer runs: for their duration the model's
 ``get_image_features`` splits the call's image tensors into the equal blocks the trainer says they consist
 of (``[P, P]`` for one pass, ``[P, P, Q, Q]`` for the clean and corrupted passes joined), encodes only the
-blocks it has not seen this step, and joins the features back in the call's order; a frozen vision path
-encodes without a graph. Reuse is checked, never assumed: a block is reused only when all its input tensors
-equal those of the encoded block exactly, and only when the encoded features carry a graph exactly when a
-fresh encoding would. Reusing one block's features twice in a forward with a trainable vision tower is still
-exact: autograd sums both uses.
+blocks it has not seen this step, and joins the features back in the call's order. A frozen vision path
+encodes without a graph, also where nothing is reused (under ZeRO-3 or FSDP, or for other families).
+Reuse is checked, never assumed: a block is reused only when all its input tensors equal those of the
+encoded block exactly, and only when the encoded features carry a graph exactly when a fresh encoding
+would. Reusing one block's features twice in a forward with a trainable vision tower is still exact:
+autograd sums both uses.
 """
 
 from contextlib import contextmanager, nullcontext
@@ -109,8 +110,8 @@ def _all_equal(first: list[torch.Tensor], second: list[torch.Tensor]) -> bool:
 class ImageFeatureCache:
     """Image features encoded during one training step, reused by the step's later forwards."""
 
-    def __init__(self, enabled: bool, share_with_reference: bool):
-        self.enabled = enabled
+    def __init__(self, reuse_encodings: bool, share_with_reference: bool):
+        self.reuse_encodings = reuse_encodings
         self.share_with_reference = share_with_reference
         self._blocks: dict[str, list[_EncodedBlock]] = {}
 
@@ -121,16 +122,19 @@ class ImageFeatureCache:
         """Context for one forward of ``model`` whose image tensors are ``num_blocks`` equal blocks along dim 0.
 
         ``reference`` marks a forward of the reference model (a separate model, or the policy with its
-        adapter disabled); its features come from the policy's only if ``share_with_reference``.
+        adapter disabled); its features come from the policy's only if ``share_with_reference``. Without
+        ``reuse_encodings``, or for another family, every call is encoded as it comes, a frozen vision path
+        still without a graph.
         """
-        owner = image_feature_owner(model) if self.enabled else None
-        if owner is None or owner.config.model_type not in SUPPORTED_MODEL_TYPES:
+        owner = image_feature_owner(model)
+        if owner is None:
             return nullcontext()
+        reuse = self.reuse_encodings and owner.config.model_type in SUPPORTED_MODEL_TYPES
         scope = "reference" if reference and not self.share_with_reference else "policy"
-        return self._patched(owner, num_blocks, scope, trainable=not vision_path_is_frozen(owner))
+        return self._patched(owner, num_blocks if reuse else None, scope, trainable=not vision_path_is_frozen(owner))
 
     @contextmanager
-    def _patched(self, owner: torch.nn.Module, num_blocks: int, scope: str, trainable: bool):
+    def _patched(self, owner: torch.nn.Module, num_blocks: int | None, scope: str, trainable: bool):
         encode = owner.get_image_features
         known = self._blocks.setdefault(scope, [])
 
@@ -140,7 +144,7 @@ class ImageFeatureCache:
             # gradient checkpointing) makes its patch embeddings require grad, so every backward would also
             # run back through the vision tower for nothing.
             graph_mode = nullcontext() if wants_graph else torch.no_grad()
-            calls = _split_call(args, kwargs, num_blocks)
+            calls = _split_call(args, kwargs, num_blocks) if num_blocks else None
             if calls is None:
                 with graph_mode:
                     return encode(*args, **kwargs)

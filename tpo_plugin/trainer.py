@@ -98,10 +98,10 @@ class CustomTPOTrainer(CustomDPOTrainer):
         self.image_corrupter = image_corrupter
         super().__init__(**kwargs)
         # Under ZeRO-3 and FSDP every rank must run the same modules in the same order (parameters are
-        # gathered per module), which skipping encodings depending on a batch's content would break.
+        # gathered per module), which reusing encodings depending on a batch's content would break.
         owner = image_feature_owner(self.model)
         self.image_features = ImageFeatureCache(
-            enabled=not (is_deepspeed_zero3_enabled() or self.is_fsdp_enabled),
+            reuse_encodings=not (is_deepspeed_zero3_enabled() or self.is_fsdp_enabled),
             share_with_reference=(
                 self.finetuning_args.ref_model is None and owner is not None and vision_path_is_frozen(owner)
             ),
