@@ -205,6 +205,59 @@ def test_without_reuse_a_frozen_vision_tower_is_encoded_every_time_but_without_a
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
+def tiny_qwen_vl(family: str):
+    """A random tiny Qwen2.5-VL or Qwen3-VL (deepstack features) from a config, and one image's patch size."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+    )
+
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+    text.update(num_key_value_heads=2, head_dim=8)
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]}
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32)
+    vision.update(spatial_merge_size=2, temporal_patch_size=2)
+    tokens = dict(image_token_id=100, vision_start_token_id=101, vision_end_token_id=102, video_token_id=103)
+    if family == "qwen2_5_vl":
+        vision.update(patch_size=14, window_size=56, fullatt_block_indexes=[1])
+        config = Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision, **tokens)
+        return Qwen2_5_VLForConditionalGeneration(config).eval(), 14
+    vision.update(patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+    rope["mrope_interleaved"] = True
+    config = Qwen3VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision, **tokens)
+    return Qwen3VLForConditionalGeneration(config).eval(), 16
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_other_qwen_families_encode_each_image_once_with_unchanged_logits(family):
+    model, patch = tiny_qwen_vl(family)
+    encoded = count_encoded_images(model)
+    # 2 pairs, a 64x64-pixel image each (4x4 patches, 4 image tokens); chosen rows, then rejected rows, with
+    # the clean images and then with corrupted copies of them
+    prompts = [[5, 6, 101] + [100] * 4 + [102, 7 + pair, 8, 9] for pair in range(2)]
+    input_ids = torch.tensor(prompts * 4)
+    clean, corrupted = torch.randn(2, 2 * 16, 3 * 2 * patch * patch).unbind(0)
+    pixel_values = torch.cat([clean, clean, corrupted, corrupted])
+    inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixel_values)
+    inputs.update(image_grid_thw=torch.tensor([[1, 4, 4]] * 8), mm_token_type_ids=(input_ids == 100).long())
+
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        assert encoded[0] == 8
+        cache = ImageFeatureCache(reuse_encodings=True, share_with_reference=True)
+        with cache.encode_once(model, num_blocks=4, reference=False):
+            policy = model(**inputs).logits
+        with cache.encode_once(model, num_blocks=4, reference=True):
+            reference = model(**inputs).logits
+
+    assert encoded[0] == 8 + 4
+    torch.testing.assert_close(policy, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reference, plain, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
 def test_trainable_vision_tower_gets_the_gradients_of_encoding_every_row(family, model_dirs, dataset_dir, tmp_path):
     model, joined, labels = joined_batch(family, model_dirs, dataset_dir, tmp_path)
