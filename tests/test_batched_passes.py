@@ -205,9 +205,13 @@ def test_without_reuse_a_frozen_vision_tower_is_encoded_every_time_but_without_a
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
-def tiny_qwen_vl(family: str):
-    """A random tiny Qwen2.5-VL or Qwen3-VL (deepstack features) from a config, and one image's patch size."""
+def tiny_model_and_joined_inputs(family: str):
+    """A random tiny Qwen2.5-VL, Qwen3-VL (deepstack features) or InternVL from a config, and the inputs of
+    the clean and corrupted passes joined for 2 pairs with an image each: chosen rows, then rejected rows, with
+    the clean images, then the same with corrupted copies of them. Each image gives 4 image tokens."""
     from transformers import (
+        InternVLConfig,
+        InternVLForConditionalGeneration,
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
         Qwen3VLConfig,
@@ -217,32 +221,52 @@ def tiny_qwen_vl(family: str):
     torch.manual_seed(0)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
     text.update(num_key_value_heads=2, head_dim=8)
+    image_token, start, end = 100, 101, 102
+    prompts = [[5, 6, start] + [image_token] * 4 + [end, 7 + pair, 8, 9] for pair in range(2)]
+    input_ids = torch.tensor(prompts * 4)
+    inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+
+    if family == "internvl":  # one 56x56 tile per image: 4x4 patches, pixel-shuffled to 4 tokens
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+        vision.update(image_size=[56, 56], patch_size=[14, 14])
+        config = InternVLConfig(
+            vision_config=vision,
+            text_config={**text, "model_type": "qwen2"},
+            image_token_id=image_token,
+            downsample_ratio=0.5,
+            vision_feature_layer=-1,
+        )
+        clean, corrupted = torch.randn(2, 2, 3, 56, 56).unbind(0)
+        inputs["pixel_values"] = torch.cat([clean, clean, corrupted, corrupted])
+        return InternVLForConditionalGeneration(config).eval(), inputs
+
     rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 1, 1]}
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32)
     vision.update(spatial_merge_size=2, temporal_patch_size=2)
-    tokens = dict(image_token_id=100, vision_start_token_id=101, vision_end_token_id=102, video_token_id=103)
+    tokens = dict(image_token_id=image_token, vision_start_token_id=start, vision_end_token_id=end, video_token_id=103)
     if family == "qwen2_5_vl":
-        vision.update(patch_size=14, window_size=56, fullatt_block_indexes=[1])
-        config = Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision, **tokens)
-        return Qwen2_5_VLForConditionalGeneration(config).eval(), 14
-    vision.update(patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
-    rope["mrope_interleaved"] = True
-    config = Qwen3VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision, **tokens)
-    return Qwen3VLForConditionalGeneration(config).eval(), 16
+        patch = 14
+        vision.update(patch_size=patch, window_size=56, fullatt_block_indexes=[1])
+        model = Qwen2_5_VLForConditionalGeneration(
+            Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision, **tokens)
+        )
+    else:
+        patch = 16
+        vision.update(patch_size=patch, num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+        rope["mrope_interleaved"] = True
+        model = Qwen3VLForConditionalGeneration(
+            Qwen3VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision, **tokens)
+        )
+    clean, corrupted = torch.randn(2, 2 * 16, 3 * 2 * patch * patch).unbind(0)  # 4x4 patches per image
+    inputs["pixel_values"] = torch.cat([clean, clean, corrupted, corrupted])
+    inputs.update(image_grid_thw=torch.tensor([[1, 4, 4]] * 8), mm_token_type_ids=(input_ids == image_token).long())
+    return model.eval(), inputs
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_other_qwen_families_encode_each_image_once_with_unchanged_logits(family):
-    model, patch = tiny_qwen_vl(family)
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "internvl"])
+def test_other_families_encode_each_image_once_with_unchanged_logits(family):
+    model, inputs = tiny_model_and_joined_inputs(family)
     encoded = count_encoded_images(model)
-    # 2 pairs, a 64x64-pixel image each (4x4 patches, 4 image tokens); chosen rows, then rejected rows, with
-    # the clean images and then with corrupted copies of them
-    prompts = [[5, 6, 101] + [100] * 4 + [102, 7 + pair, 8, 9] for pair in range(2)]
-    input_ids = torch.tensor(prompts * 4)
-    clean, corrupted = torch.randn(2, 2 * 16, 3 * 2 * patch * patch).unbind(0)
-    pixel_values = torch.cat([clean, clean, corrupted, corrupted])
-    inputs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixel_values)
-    inputs.update(image_grid_thw=torch.tensor([[1, 4, 4]] * 8), mm_token_type_ids=(input_ids == 100).long())
 
     with torch.no_grad():
         plain = model(**inputs).logits

@@ -28,7 +28,7 @@ import torch
 
 # Families whose ``get_image_features`` takes image tensors stacked along dim 0 (pixels or patches, grids,
 # sizes) and whose forward reads only ``pooler_output`` (and Qwen3-VL's ``deepstack_features``) from it.
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava")
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "internvl")
 
 
 @dataclass
