@@ -21,25 +21,20 @@ import sys
 import time
 
 import torch
-from tokenizers import Tokenizer, processors
-from transformers import (
-    PreTrainedTokenizerFast,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-    Qwen2VLImageProcessor,
-    Qwen2VLProcessor,
-    Qwen2VLVideoProcessor,
-)
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
 from tpo_plugin.tiny_models import (
     _MARKER,
     _QWEN2_VL_SPECIAL_TOKENS,
     _is_complete,
-    _mrope_section,
     _remove_previous_build,
     _save,
     _train_tokenizer,
     _write_json_atomically,
+    qwen2_vl_config,
+    qwen2_vl_processor,
+    qwen2_vl_tokenizer,
 )
 
 
@@ -98,57 +93,22 @@ SHAPES = {
 
 def padded_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     """tiny_models' Qwen2-VL tokenizer with unused vocabulary entries up to ``vocab_size``."""
-    bpe = _train_tokenizer(_QWEN2_VL_SPECIAL_TOKENS)
-    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
-    state = json.loads(bpe.to_str())
+    state = json.loads(_train_tokenizer(_QWEN2_VL_SPECIAL_TOKENS).to_str())
     vocab = state["model"]["vocab"]
     if len(vocab) > vocab_size:
         raise ValueError(f"The tokenizer has {len(vocab)} entries, more than the vocabulary of {vocab_size}.")
     for token_id in range(len(vocab), vocab_size):
         vocab[f"<|unused_{token_id}|>"] = token_id  # never produced by a merge: pads the id range only
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(state)),
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token=None,
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-    )
+    return qwen2_vl_tokenizer(Tokenizer.from_str(json.dumps(state)))
 
 
 def config_and_processor(shape: str) -> tuple[Qwen2VLConfig, Qwen2VLProcessor]:
     """The model config of ``shape`` and a processor whose tokenizer fills its vocabulary."""
     text, vision = SHAPES[shape]["text"], SHAPES[shape]["vision"]
     tokenizer = padded_tokenizer(text["vocab_size"])
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _QWEN2_VL_SPECIAL_TOKENS}
-    head_dim = text["hidden_size"] // text["num_attention_heads"]
-    config = Qwen2VLConfig(
-        text_config=dict(
-            **text,
-            use_sliding_window=False,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(head_dim)},
-            bos_token_id=None,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(
-            **vision,
-            hidden_size=text["hidden_size"],
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-    processor = Qwen2VLProcessor(  # the stock processor settings of Qwen2-VL-Instruct
-        image_processor=Qwen2VLImageProcessor(),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(),
-    )
-    return config, processor
+    text = {**text, "use_sliding_window": False}
+    config = qwen2_vl_config(tokenizer, text, vision, rope_theta=1e6, tie_word_embeddings=True)
+    return config, qwen2_vl_processor(tokenizer)  # the stock processor settings of Qwen2-VL-Instruct
 
 
 def build_qwen2_vl(

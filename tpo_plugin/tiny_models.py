@@ -199,8 +199,10 @@ def _corpus() -> list[str]:
     return [sentence.format(colour=c, obj=o) for sentence, c, o in combos] + _FIXED_TEXT
 
 
-def _train_tokenizer(special_tokens: list[str]) -> Tokenizer:
-    """Train a byte-level BPE on the built-in corpus; the special tokens take the first ids, in order.
+def _train_tokenizer(
+    special_tokens: list[str], corpus: list[str] | None = None, vocab_size: int = _VOCAB_SIZE
+) -> Tokenizer:
+    """Train a byte-level BPE on ``corpus`` (the built-in one by default); the special tokens take the first ids.
 
     Byte-level BPE encodes any text, so prompts outside the corpus still work, only in more tokens.
     """
@@ -208,47 +210,66 @@ def _train_tokenizer(special_tokens: list[str]) -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(_corpus() if corpus is None else corpus, trainer=trainer)
     return tokenizer
 
 
 def _build_qwen2_vl() -> tuple[Qwen2VLForConditionalGeneration, Qwen2VLProcessor]:
     """Qwen2-VL with Qwen's special tokens; a 56 x 56 image becomes 4 x 4 patches, merged into 4 tokens."""
-    bpe = _train_tokenizer(_QWEN2_VL_SPECIAL_TOKENS)
+    tokenizer = qwen2_vl_tokenizer(_train_tokenizer(_QWEN2_VL_SPECIAL_TOKENS))
+    text = {**_TEXT, "vocab_size": len(tokenizer), "max_position_embeddings": _MAX_POSITIONS}
+    vision = {"depth": 2, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 2}
+    config = qwen2_vl_config(tokenizer, text, vision, rope_theta=1e6)
+    return Qwen2VLForConditionalGeneration(config), qwen2_vl_processor(tokenizer, **SMALL_IMAGE_PIXELS)
+
+
+# At least 2 x 2 merged tokens, at most 4 x 4: a 56 x 56 image gives 4 tokens, a large one 16.
+SMALL_IMAGE_PIXELS = {"min_pixels": 4 * (_PATCH_SIZE * 2) ** 2, "max_pixels": 16 * (_PATCH_SIZE * 2) ** 2}
+
+
+def qwen2_vl_tokenizer(bpe: Tokenizer) -> PreTrainedTokenizerFast:
+    """A trained byte-level BPE whose first ids are ``_QWEN2_VL_SPECIAL_TOKENS``, as Qwen2-VL's tokenizer."""
     bpe.post_processor = processors.ByteLevel(trim_offsets=False)
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         eos_token="<|im_end|>",  # as in Qwen2-VL-Instruct; LLaMA-Factory's template replaces it with the same
         pad_token="<|endoftext|>",
         unk_token=None,
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
     )
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _QWEN2_VL_SPECIAL_TOKENS}
 
-    head_dim = _TEXT["hidden_size"] // _TEXT["num_attention_heads"]
-    config = Qwen2VLConfig(
+
+def qwen2_vl_config(
+    tokenizer: PreTrainedTokenizerFast, text: dict, vision: dict, rope_theta: float, **config: object
+) -> Qwen2VLConfig:
+    """A Qwen2-VL config of the given text and vision shapes, its special token ids taken from ``tokenizer``.
+
+    ``text`` holds the text model's sizes, vocabulary and positions included; ``vision`` the vision tower's
+    (depth, embed_dim, num_heads, mlp_ratio); the merger projects straight into the text model.
+    """
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _QWEN2_VL_SPECIAL_TOKENS}
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    return Qwen2VLConfig(
         text_config=dict(
-            **_TEXT,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=_MAX_POSITIONS,
-            # M-RoPE splits the head_dim / 2 rotary frequencies between time, height and width; the
-            # real model's [16, 24, 24] of 64 scaled down.
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(head_dim)},
+            **text,
+            # M-RoPE splits the head_dim / 2 rotary frequencies between time, height and width.
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": rope_theta,
+                "mrope_section": _mrope_section(head_dim),
+            },
             bos_token_id=None,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ),
         vision_config={
-            "depth": 2,
-            "embed_dim": 64,
-            "num_heads": 4,
-            "mlp_ratio": 2,
-            "hidden_size": _TEXT["hidden_size"],  # the merger projects straight into the text model
+            **vision,
+            "hidden_size": text["hidden_size"],
             "patch_size": _PATCH_SIZE,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
@@ -257,16 +278,17 @@ def _build_qwen2_vl() -> tuple[Qwen2VLForConditionalGeneration, Qwen2VLProcessor
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
+        **config,
     )
-    # At least 2 x 2 merged tokens, at most 4 x 4: a 56 x 56 image gives 4 tokens, a large one 16.
-    merged = (_PATCH_SIZE * 2) ** 2
-    pixels = {"min_pixels": 4 * merged, "max_pixels": 16 * merged}
-    processor = Qwen2VLProcessor(
+
+
+def qwen2_vl_processor(tokenizer: PreTrainedTokenizerFast, **pixels: int) -> Qwen2VLProcessor:
+    """Qwen2-VL's processor around ``tokenizer``; ``pixels`` (min_pixels, max_pixels) bound the image size."""
+    return Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(**pixels),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(**pixels),
     )
-    return Qwen2VLForConditionalGeneration(config), processor
 
 
 def _mrope_section(head_dim: int) -> list[int]:
