@@ -132,12 +132,12 @@ def install(result_path: str, trainer: str = "") -> None:
     if trainer == REFERENCE_STRUCTURE:
         from reference_structure import ReferenceStructureTPOTrainer
 
-        import tpo_plugin.trainer
-        import tpo_plugin.workflow
+        import tpo_plugin.training.trainer
+        import tpo_plugin.training.workflow
 
-        tpo_plugin.trainer.CustomTPOTrainer = ReferenceStructureTPOTrainer  # run_tpo imports it from here
-        if hasattr(tpo_plugin.workflow, "CustomTPOTrainer"):  # in case a later run_tpo imports it at the top
-            tpo_plugin.workflow.CustomTPOTrainer = ReferenceStructureTPOTrainer
+        tpo_plugin.training.trainer.CustomTPOTrainer = ReferenceStructureTPOTrainer  # run_tpo imports it from here
+        if hasattr(tpo_plugin.training.workflow, "CustomTPOTrainer"):  # in case a later run_tpo imports it at the top
+            tpo_plugin.training.workflow.CustomTPOTrainer = ReferenceStructureTPOTrainer
     elif trainer:
         raise ValueError(f"{TRAINER_ENV}={trainer!r}: expected {REFERENCE_STRUCTURE!r} or nothing.")
 

@@ -52,7 +52,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from bench_child import REFERENCE_STRUCTURE, RESULT_ENV, TRAINER_ENV  # noqa: E402
 
-from tpo_plugin.tiny_models import OFFLINE_ENV  # noqa: E402
+from tpo_plugin.testing.tiny_models import OFFLINE_ENV  # noqa: E402
 
 
 # variant -> (recipe keys on top of the common ones, trainer swapped in by bench_child)
@@ -149,7 +149,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def build_model(args: argparse.Namespace, work_dir: pathlib.Path) -> pathlib.Path:
     """The model directory: tiny_models' Qwen2-VL, or a Qwen2-VL-2B-shaped one built in a child process."""
     if args.model == "tiny":
-        from tpo_plugin.tiny_models import build_tiny_model
+        from tpo_plugin.testing.tiny_models import build_tiny_model
 
         return build_tiny_model("qwen2_vl", work_dir / "model-tiny", seed=0)
 
@@ -182,7 +182,7 @@ def write_dataset(args: argparse.Namespace, model_dir: pathlib.Path, data_dir: p
     """
     from transformers import AutoTokenizer
 
-    from tpo_plugin.tiny_models import make_demo_images
+    from tpo_plugin.testing.tiny_models import make_demo_images
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     num_pairs = args.batch_pairs * (args.warmup_steps + args.measured_steps)
@@ -448,9 +448,10 @@ def plugin_source_digest() -> str:
     """SHA-256 over the imported tpo_plugin's Python sources: names what exactly was measured."""
     import tpo_plugin
 
+    package = pathlib.Path(tpo_plugin.__file__).parent
     digest = hashlib.sha256()
-    for path in sorted(pathlib.Path(tpo_plugin.__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 

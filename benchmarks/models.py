@@ -6,7 +6,7 @@
 real model's. ``qwen2-vl-2b-mini`` is the same builder at a few hundred thousand parameters, so the GPU
 code path (bf16 weights, a tokenizer padded to the vocabulary, the stock image processor) runs on a CPU.
 
-The tokenizer is the byte-level BPE of :mod:`tpo_plugin.tiny_models`, padded with unused entries to the
+The tokenizer is the byte-level BPE of :mod:`tpo_plugin.testing.tiny_models`, padded with unused entries to the
 model's vocabulary, so logits have the real width and ``len(tokenizer)`` equals ``vocab_size``.
 
 Run as a script to build into a directory (the harness does this in a child process, so that it never
@@ -24,7 +24,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
-from tpo_plugin.tiny_models import (
+from tpo_plugin.testing.tiny_models import (
     _MARKER,
     _QWEN2_VL_SPECIAL_TOKENS,
     _is_complete,

@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 import torch
 
-from tpo_plugin.collator import PAIR_IMAGES_KEY
-from tpo_plugin.objective import IGNORE_INDEX, TokenScores
-from tpo_plugin.trainer import CustomTPOTrainer
+from tpo_plugin.method.objective import IGNORE_INDEX, TokenScores
+from tpo_plugin.training.collator import PAIR_IMAGES_KEY
+from tpo_plugin.training.trainer import CustomTPOTrainer
 
 
 def split_rows(inputs: dict[str, Any], rows: slice, images_per_row: list[int]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Shared fixtures: tiny local models, tiny preference datasets, and runners for LLaMA-Factory's CLI.
 
 Nothing is downloaded: models are built from configs with a locally trained tokenizer
-(:mod:`tpo_plugin.tiny_models`), images are drawn with PIL.
+(:mod:`tpo_plugin.testing.tiny_models`), images are drawn with PIL.
 """
 
 import json
@@ -15,8 +15,8 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from tpo_plugin import tiny_models
-from tpo_plugin.tiny_models import build_tiny_model
+from tpo_plugin.testing import tiny_models
+from tpo_plugin.testing.tiny_models import build_tiny_model
 
 
 OFFLINE_ENV = {**tiny_models.OFFLINE_ENV, "OMP_NUM_THREADS": "1"}

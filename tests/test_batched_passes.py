@@ -7,17 +7,18 @@ import torch
 from transformers import AutoModelForImageTextToText
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-import tpo_plugin.trainer
-from tpo_plugin.collator import PAIR_IMAGES_KEY, TPODataCollatorWithPadding
-from tpo_plugin.corruption import ImageCorrupter, corrupt_image
-from tpo_plugin.image_features import (
+import tpo_plugin.training.trainer
+from tpo_plugin.method.noise import corrupt_image
+from tpo_plugin.method.objective import first_scored_position, target_token_scores
+from tpo_plugin.training.collator import PAIR_IMAGES_KEY, TPODataCollatorWithPadding
+from tpo_plugin.training.corruption import ImageCorrupter
+from tpo_plugin.training.image_features import (
     ImageFeatureCache,
     image_feature_owner,
     join_block_features,
     vision_path_is_frozen,
 )
-from tpo_plugin.objective import first_scored_position, target_token_scores
-from tpo_plugin.trainer import concat_rows, logits_from_position
+from tpo_plugin.training.trainer import concat_rows, logits_from_position
 
 from conftest import log_history, train_config
 
@@ -414,7 +415,7 @@ def test_training_encodes_each_image_once_and_equals_the_reference_structure(
     runs = {}
     for name in ("tpo", "reference_structure"):
         if name == "reference_structure":  # 8 forwards of 2 rows, each encoding its own images: 16 per step
-            monkeypatch.setattr(tpo_plugin.trainer, "CustomTPOTrainer", load_reference_structure_trainer())
+            monkeypatch.setattr(tpo_plugin.training.trainer, "CustomTPOTrainer", load_reference_structure_trainer())
         config = train_config(model_dirs[family], family, dataset_dir, tmp_path / name, **overrides)
         if config["finetuning_type"] == "full":
             config.pop("lora_target")

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tpo_plugin import convert
-from tpo_plugin.cli import main
+from tpo_plugin.commands import convert
+from tpo_plugin.commands.cli import main
 
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])

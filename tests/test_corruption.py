@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tpo_plugin.corruption import add_diffusion_noise, corrupt_image, noise_schedule, noise_seed
+from tpo_plugin.method.noise import add_diffusion_noise, corrupt_image, noise_schedule, noise_seed
 
 
 # TPO_METHOD §1, reference values: k -> (sqrt(alpha_bar_k), sqrt(1 - alpha_bar_k))

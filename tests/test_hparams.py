@@ -3,7 +3,7 @@
 import pytest
 from transformers import HfArgumentParser
 
-from tpo_plugin.hparams import TPOFinetuningArguments, tpo_defaults
+from tpo_plugin.hparams.tpo_args import TPOFinetuningArguments, tpo_defaults
 
 
 def parse(**overrides) -> TPOFinetuningArguments:

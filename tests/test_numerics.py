@@ -45,7 +45,7 @@ def test_absurd_learning_rate_stops_at_the_first_non_finite_step(model_dirs, dat
 def test_non_finite_loss_or_score_is_refused_with_the_step():
     from types import SimpleNamespace
 
-    from tpo_plugin.trainer import CustomTPOTrainer
+    from tpo_plugin.training.trainer import CustomTPOTrainer
 
     trainer = SimpleNamespace(
         accelerator=SimpleNamespace(num_processes=1),

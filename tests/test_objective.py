@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tpo_plugin.objective import (
+from tpo_plugin.method.objective import (
     IGNORE_INDEX,
     TokenScores,
     first_scored_position,
@@ -253,7 +253,7 @@ def test_ftx_adds_mean_chosen_nll():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_token_scores_equal_full_log_softmax_values_and_gradients(dtype, monkeypatch):
-    import tpo_plugin.objective as objective
+    import tpo_plugin.method.objective as objective
 
     monkeypatch.setattr(objective, "FLOAT32_CHUNK_ELEMENTS", 2 * 11)  # two rows per chunk: exercise chunking
     generator = torch.Generator().manual_seed(0)

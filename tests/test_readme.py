@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from tpo_plugin.hparams import tpo_defaults
+from tpo_plugin.hparams.tpo_args import tpo_defaults
 
 
 def test_readme_key_table_matches_defaults():

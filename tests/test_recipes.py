@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tpo_plugin.hparams import tpo_defaults
+from tpo_plugin.hparams.tpo_args import tpo_defaults
 
 from conftest import TEMPLATES, log_history, run_cli, write_yaml
 

@@ -8,7 +8,9 @@ import types
 
 import pytest
 
-from tpo_plugin import _bootstrap, patches
+from tpo_plugin import compat
+from tpo_plugin.integration import bootstrap, patches
+from tpo_plugin.training.corruption import regularize_images
 
 from conftest import OFFLINE_ENV, log_history, run_cli, train_config, write_yaml
 
@@ -26,18 +28,31 @@ def last_line(result: subprocess.CompletedProcess) -> str:
 
 def test_start_up_hook_imports_nothing_but_itself():
     result = python("import sys; print(sorted(m for m in sys.modules if m.startswith('tpo_plugin')))")
-    assert result.stdout.strip() == "['tpo_plugin', 'tpo_plugin._bootstrap']"
+    assert result.stdout.strip() == "['tpo_plugin', 'tpo_plugin.integration', 'tpo_plugin.integration.bootstrap']"
 
     importtime = python("pass", PYTHONPROFILEIMPORTTIME="1").stderr.splitlines()
     imported = [line.rsplit("|", 1)[-1].strip() for line in importtime if line.startswith("import time:")]
-    hook = imported.index("tpo_plugin._bootstrap")
-    # -X importtime lists a module's own imports right before it: under the hook only its package
-    assert imported[hook - 1] == "tpo_plugin" and "tpo_plugin" not in imported[: hook - 1]
+    hook = imported.index("tpo_plugin.integration.bootstrap")
+    # -X importtime lists a module's own imports right before it: under the hook only its two packages
+    assert imported[hook - 2 : hook] == ["tpo_plugin", "tpo_plugin.integration"]
+    assert not any(name.startswith("tpo_plugin") for name in imported[: hook - 2])
     assert importtime[0].startswith("import time: self [us]") and imported.index("site") > hook
 
 
 def test_patches_and_bootstrap_agree_on_the_patched_modules():
-    assert set(patches.PATCHES) == set(_bootstrap.PATCHED_MODULES)
+    assert set(patches.PATCHES) == set(bootstrap.PATCHED_MODULES)
+    assert patches.ARGUMENTS_MODULE == bootstrap.ARGUMENTS_MODULE
+    assert compat.DISABLE_ENV == bootstrap.DISABLE_ENV
+
+
+def test_importing_the_arguments_first_still_patches_the_parser():
+    # Importing TPO's arguments is what loads LLaMA-Factory's parser here: its patch must wait for the class
+    # and then be applied.
+    code = (
+        "from tpo_plugin.hparams.tpo_args import TPOFinetuningArguments; from llamafactory.hparams import parser; "
+        "print(TPOFinetuningArguments in parser._TRAIN_ARGS and TPOFinetuningArguments in parser._INFER_ARGS)"
+    )
+    assert last_line(python(code)) == "True"
 
 
 def test_hook_patches_llamafactory_on_import():
@@ -73,7 +88,7 @@ def test_patch_guards_name_the_supported_version():
         patches.patch_parser(parser_without_finetuning_args)
 
     with pytest.raises(patches.IncompatibleLlamaFactoryError, match=r"_regularize_images.*0\.9\.5"):
-        patches.regularize_images(object(), ["x.png"], processor=None)
+        regularize_images(object(), ["x.png"], processor=None)
 
 
 @pytest.mark.e2e

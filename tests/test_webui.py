@@ -25,7 +25,8 @@ import pytest
 import yaml
 from webui_helpers import DATA_INFO, build_train_tab
 
-from tpo_plugin import patches, webui
+from tpo_plugin.integration import patches
+from tpo_plugin.webui import panel as webui
 from tpo_plugin.hparams import TPOArguments, tpo_defaults
 
 from conftest import ARTIFACTS, OFFLINE_ENV

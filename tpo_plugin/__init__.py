@@ -1,7 +1,7 @@
 """Token Preference Optimization (TPO) as a training stage of LLaMA-Factory.
 
 Installing the distribution puts ``tpo_plugin.pth`` into site-packages; it imports
-:mod:`tpo_plugin._bootstrap` at every interpreter start, which patches LLaMA-Factory the moment
+:mod:`tpo_plugin.integration.bootstrap` at every interpreter start, which patches LLaMA-Factory the moment
 LLaMA-Factory itself is imported. Nothing else is needed: ``stage: tpo`` then works in
 ``llamafactory-cli train``, its torchrun children and ``llamafactory.train.tuner.run_exp``.
 
@@ -16,6 +16,6 @@ def install() -> None:
 
     Patches any LLaMA-Factory module that is already imported, so the call order does not matter.
     """
-    from . import _bootstrap
+    from .integration import bootstrap
 
-    _bootstrap.install(force=True)
+    bootstrap.install(force=True)

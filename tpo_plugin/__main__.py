@@ -1,6 +1,6 @@
 import sys
 
-from tpo_plugin.cli import main
+from tpo_plugin.commands.cli import main
 
 
 sys.exit(main())

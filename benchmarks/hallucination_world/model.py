@@ -1,6 +1,6 @@
 """The experiment's tiny Qwen2-VL (about 1 M parameters), random weights, with a tokenizer that knows the world.
 
-``tpo_plugin.tiny_models`` trains its tokenizer on a generic corpus; here the corpus is the world's own text
+``tpo_plugin.testing.tiny_models`` trains its tokenizer on a generic corpus; here the corpus is the world's own text
 (plus the chat template's), so every object name, "Yes" and "No" is one token and a caption is a handful of
 tokens. The model is built with ``tiny_models``' Qwen2-VL helpers (special tokens, config, processor), only a
 little larger, because it has to learn to see from scratch: 112 x 112 images become 4 x 4 = 16 image tokens.
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen2VLForConditionalGeneration
 
-from tpo_plugin.tiny_models import (
+from tpo_plugin.testing.tiny_models import (
     _QWEN2_VL_SPECIAL_TOKENS,
     SMALL_IMAGE_PIXELS,
     _save,

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from tpo_plugin import tiny_models
+from tpo_plugin.testing import tiny_models
 
 
 OFFLINE_ENV = {

@@ -1,76 +1,54 @@
 """Every place where tpo-plugin reaches into LLaMA-Factory's internals.
 
 LLaMA-Factory 0.9.5 has no registry for training stages, so ``stage: tpo`` needs three small patches,
-each applied by :mod:`tpo_plugin._bootstrap` right after LLaMA-Factory has executed the module:
+each applied by :mod:`tpo_plugin.integration.bootstrap` right after LLaMA-Factory has executed the module:
 
 - ``llamafactory.hparams.parser``: the argument lists name :class:`TPOFinetuningArguments` instead of
   ``FinetuningArguments``, so ``stage: tpo`` and the ``tpo_*`` keys parse (YAML, ``key=value`` and argv).
 - ``llamafactory.train.tuner``: ``_training_function`` dispatches on ``stage`` through a hard-coded
   if/elif that ends in "Unknown task". The patched ``get_train_args`` hands a TPO run to that chain as
-  ``dpo`` and the patched ``run_dpo`` routes it to :func:`tpo_plugin.workflow.run_tpo`, which restores
+  ``dpo`` and the patched ``run_dpo`` routes it to :func:`tpo_plugin.training.workflow.run_tpo`, which restores
   ``stage = "tpo"`` before anything reads it. Callbacks are built by LLaMA-Factory's own code.
 
-For the web UI (LlamaBoard), four more, with the UI pieces themselves in :mod:`tpo_plugin.webui`:
+For the web UI (LlamaBoard), four more, with the UI pieces themselves in :mod:`tpo_plugin.webui.panel`:
 ``llamafactory.extras.constants`` (TPO in the stage dropdown, with ranking datasets),
 ``llamafactory.webui.locales`` (the panel's texts), ``llamafactory.webui.runner`` (TPO's arguments, checks and
 a launch in the UI's own environment) and ``llamafactory.webui.components.train`` (the TPO panel).
 
-Besides, :func:`regularize_images` reads images exactly as LLaMA-Factory's multimodal plugins do.
-
-Each patch checks that what it replaces exists and otherwise fails loudly, naming the LLaMA-Factory
-version this module was written for. Upgrading LLaMA-Factory means reading this file.
+Each patch checks that what it replaces exists (:func:`tpo_plugin.compat.require`) and otherwise fails
+loudly, naming the LLaMA-Factory versions this module was written for. Besides these patches, the plugin
+reads two private helpers of LLaMA-Factory, each through the same guard: ``mm_plugin._regularize_images``
+(:func:`tpo_plugin.training.corruption.regularize_images`) and ``loader._get_merged_dataset``
+(:func:`tpo_plugin.training.data_checks.aligned_datasets`). Upgrading LLaMA-Factory means reading this
+file and those two functions.
 """
 
 import sys
 from types import ModuleType
 from typing import Any, Callable
 
-from . import _bootstrap
+from ..compat import SUPPORTED_LLAMAFACTORY, IncompatibleLlamaFactoryError, require
 
 
-SUPPORTED_LLAMAFACTORY = "0.9.5"
 _PATCHED_MARK = "_tpo_plugin_patched"
-
-
-class IncompatibleLlamaFactoryError(RuntimeError):
-    """LLaMA-Factory's internals differ from those the plugin was written for."""
-
-
-def _require(module: ModuleType, attribute: str) -> Any:
-    if not hasattr(module, attribute):
-        version = _installed_llamafactory_version()
-        raise IncompatibleLlamaFactoryError(
-            f"tpo-plugin expects `{module.__name__}.{attribute}`, which LLaMA-Factory {version} does not have; "
-            f"the plugin was written for LLaMA-Factory {SUPPORTED_LLAMAFACTORY}. "
-            f"Install llamafactory=={SUPPORTED_LLAMAFACTORY}, "
-            f"or set {_bootstrap.DISABLE_ENV}=1 to turn the plugin off."
-        )
-    return getattr(module, attribute)
-
-
-def _installed_llamafactory_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("llamafactory")
-    except PackageNotFoundError:
-        return "(unknown version)"
+# The module that defines TPOFinetuningArguments; the start-up hook applies deferred patches once it has run.
+ARGUMENTS_MODULE = "tpo_plugin.hparams.tpo_args"
 
 
 def patch_parser(parser: ModuleType) -> bool:
     """Let the train/infer/eval parsers build ``TPOFinetuningArguments`` instead of ``FinetuningArguments``."""
-    hparams = sys.modules.get("tpo_plugin.hparams")
+    hparams = sys.modules.get(ARGUMENTS_MODULE)
     if hparams is not None and not hasattr(hparams, "TPOFinetuningArguments"):
-        # Importing tpo_plugin.hparams is what loads LLaMA-Factory here, so the class does not exist yet;
-        # hparams.py applies this patch itself once it does.
+        # Importing the arguments module is what loads LLaMA-Factory here, so the class does not exist yet;
+        # the start-up hook applies this patch again once that module has executed.
         return False
 
     from llamafactory.hparams.finetuning_args import FinetuningArguments
 
-    from .hparams import TPOFinetuningArguments
+    from ..hparams.tpo_args import TPOFinetuningArguments
 
     for list_name in ("_TRAIN_ARGS", "_INFER_ARGS", "_EVAL_ARGS"):
-        dataclass_list = _require(parser, list_name)
+        dataclass_list = require(parser, list_name)
         # Find the entry by identity: newer LLaMA-Factory versions reorder these lists.
         positions = [i for i, cls in enumerate(dataclass_list) if cls is FinetuningArguments]
         if len(positions) != 1:
@@ -84,9 +62,9 @@ def patch_parser(parser: ModuleType) -> bool:
 
 def patch_tuner(tuner: ModuleType) -> bool:
     """Route ``stage: tpo`` through LLaMA-Factory's own ``_training_function`` to ``run_tpo``."""
-    _require(tuner, "_training_function")
-    get_train_args = _require(tuner, "get_train_args")
-    run_dpo = _require(tuner, "run_dpo")
+    require(tuner, "_training_function")
+    get_train_args = require(tuner, "get_train_args")
+    run_dpo = require(tuner, "run_dpo")
 
     def get_train_args_with_tpo(*args, **kwargs):
         model_args, data_args, training_args, finetuning_args, generating_args = get_train_args(*args, **kwargs)
@@ -103,7 +81,7 @@ def patch_tuner(tuner: ModuleType) -> bool:
 
         finetuning_args.stage = "tpo"
         del finetuning_args.tpo_routed
-        from .workflow import run_tpo
+        from ..training.workflow import run_tpo
 
         return run_tpo(model_args, data_args, training_args, finetuning_args, callbacks)
 
@@ -112,33 +90,8 @@ def patch_tuner(tuner: ModuleType) -> bool:
     return True
 
 
-def regularize_images(mm_plugin: Any, images: list[Any], processor: Any) -> list[Any]:
-    """Open and resize images exactly as ``mm_plugin.get_mm_inputs`` does (LLaMA-Factory 0.9.5, ``_get_mm_inputs``)."""
-    regularize = getattr(mm_plugin, "_regularize_images", None)
-    if regularize is None:
-        raise IncompatibleLlamaFactoryError(
-            f"tpo-plugin expects `{type(mm_plugin).__name__}._regularize_images` "
-            f"(LLaMA-Factory {SUPPORTED_LLAMAFACTORY}); the installed LLaMA-Factory does not have it."
-        )
-    return regularize(
-        images,
-        image_max_pixels=getattr(processor, "image_max_pixels", 768 * 768),
-        image_min_pixels=getattr(processor, "image_min_pixels", 32 * 32),
-    )["images"]
-
-
-def aligned_datasets(dataset_names: list[str] | None, model_args: Any, data_args: Any, training_args: Any) -> dict:
-    """Each dataset as LLaMA-Factory aligns it before tokenising (``_prompt``, ``_response``, ``_images`` ...)."""
-    from llamafactory.data import loader
-
-    if not dataset_names:
-        return {}
-    merged = _require(loader, "_get_merged_dataset")
-    return merged(dataset_names, model_args, data_args, training_args, stage="rm", return_dict=True)
-
-
 # --- Web UI (LlamaBoard) -------------------------------------------------------------------------------------
-# Labels, the panel and the argument mapping live in tpo_plugin.webui; only the reach-ins are here.
+# Labels, the panel and the argument mapping live in tpo_plugin.webui.panel; only the reach-ins are here.
 
 TPO_STAGE_LABEL = "TPO"  # the stage dropdown's entry; LLaMA-Factory does not translate stage names
 
@@ -149,8 +102,8 @@ def patch_constants(constants: ModuleType) -> bool:
     Only the web UI reads these two tables, so training processes are unaffected. Mutated in place: the UI
     modules import the objects by name.
     """
-    stages = _require(constants, "TRAINING_STAGES")
-    pair_stages = _require(constants, "STAGES_USE_PAIR_DATA")
+    stages = require(constants, "TRAINING_STAGES")
+    pair_stages = require(constants, "STAGES_USE_PAIR_DATA")
     entries = list(stages.items())
     after_dpo = next((i + 1 for i, (_, stage) in enumerate(entries) if stage == "dpo"), len(entries))
     entries.insert(after_dpo, (TPO_STAGE_LABEL, "tpo"))
@@ -162,8 +115,8 @@ def patch_constants(constants: ModuleType) -> bool:
 
 def patch_locales(locales: ModuleType) -> bool:
     """Add the TPO panel's labels and help texts (en, ru, zh, ko, ja) to LLaMA-Factory's ``LOCALES``."""
-    table = _require(locales, "LOCALES")
-    from .webui import LOCALES as TPO_LOCALES
+    table = require(locales, "LOCALES")
+    from ..webui.panel import LOCALES as TPO_LOCALES
 
     clashes = set(table) & set(TPO_LOCALES)
     if clashes:
@@ -186,12 +139,12 @@ def patch_runner(runner: ModuleType) -> bool:
       ``python -m llamafactory.cli`` with this interpreter, so training runs in the UI's own environment
       rather than with whichever ``llamafactory-cli`` comes first on ``PATH``.
     """
-    runner_class = _require(runner, "Runner")
-    parse_train_args = _require(runner_class, "_parse_train_args")
-    initialize = _require(runner_class, "_initialize")
-    training_stages = _require(runner, "TRAINING_STAGES")
-    popen = _require(runner, "Popen")
-    from . import webui
+    runner_class = require(runner, "Runner")
+    parse_train_args = require(runner_class, "_parse_train_args")
+    initialize = require(runner_class, "_initialize")
+    training_stages = require(runner, "TRAINING_STAGES")
+    popen = require(runner, "Popen")
+    from ..webui import panel as webui
 
     def parse_train_args_with_tpo(self, data):
         args = parse_train_args(self, data)
@@ -225,12 +178,12 @@ def patch_train_tab(train: ModuleType) -> bool:
     panel's controls as well while the tab is built, then moves the panel after the RLHF accordion and returns
     its elements with the tab's, so the manager registers them as ``train.tpo_*`` (ids the runner reads).
     """
-    create_train_tab = _require(train, "create_train_tab")
-    from . import webui
+    create_train_tab = require(train, "create_train_tab")
+    from ..webui import panel as webui
 
     def create_train_tab_with_tpo(engine):
         manager_class = type(engine.manager)
-        get_base_elems = _require(manager_class, "get_base_elems")
+        get_base_elems = require(manager_class, "get_base_elems")
         tpo_elems = webui.create_tpo_tab()
         engine.manager.get_base_elems = lambda: get_base_elems(engine.manager) | webui.input_elems(tpo_elems)
         try:
@@ -245,7 +198,7 @@ def patch_train_tab(train: ModuleType) -> bool:
                     f"tpo-plugin was written for LLaMA-Factory {SUPPORTED_LLAMAFACTORY}."
                 )
         _place_after(tpo_elems["tpo_tab"], elem_dict["rlhf_tab"])
-        stage, stages = elem_dict["training_stage"], _require(train, "TRAINING_STAGES")
+        stage, stages = elem_dict["training_stage"], require(train, "TRAINING_STAGES")
         stage.change(lambda label: webui.toggle_tpo_tab(stages.get(label)), stage, tpo_elems["tpo_tab"], queue=False)
         return {**elem_dict, **tpo_elems}
 

@@ -1,70 +1,38 @@
-"""Corrupted copies of the training images (TPO_METHOD §1).
+"""The corrupted multimodal inputs of a training batch (TPO_METHOD §1).
 
-The noise is added in [0, 1] pixel space to the image LLaMA-Factory has already opened and resized,
-clamped to [0, 1] (the reference code wraps around instead) and quantised back to 8 bits, so the
-corrupted image then goes through the model family's own image processor exactly like the clean one:
-this works for every multimodal template and yields the same image tokens and grid.
+Each image is corrupted (:func:`tpo_plugin.method.noise.corrupt_image`) after LLaMA-Factory has opened
+and resized it, and then goes through the model family's own image processor exactly like the clean
+one: this works for every multimodal template and yields the same image tokens and grid.
 
-The noise is reproducible: it is drawn from a generator seeded with the training seed, a step key
-(the global step while training, a fixed key while evaluating) and a digest of the image's pixels,
-so the same run repeats exactly, also after a resume from a checkpoint, whatever the data order.
+The step key is the global step while training and a fixed key while evaluating, so the same run
+repeats exactly, also after a resume from a checkpoint, whatever the data order.
 """
 
-import hashlib
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from PIL import Image
 
-from .patches import regularize_images
+from ..compat import SUPPORTED_LLAMAFACTORY, IncompatibleLlamaFactoryError
+from ..method.noise import corrupt_image
 
 
-NUM_NOISE_STEPS = 1000
 EVAL_STEP_KEY = -1  # every evaluation uses the same noise, so evaluations at different steps compare
 
 
-def noise_schedule(num_steps: int = NUM_NOISE_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Return ``(sqrt(alpha_bar_k), sqrt(1 - alpha_bar_k))`` for k = 0 .. num_steps - 1 (TPO_METHOD §1).
-
-    ``beta_t = sigmoid(linspace(-6, 6, T)) * (5e-3 - 1e-5) + 1e-5`` and ``alpha_bar_k = prod_{i<=k} (1 - beta_i)``.
-    """
-    betas = torch.sigmoid(torch.linspace(-6, 6, num_steps, dtype=torch.float64)) * (5e-3 - 1e-5) + 1e-5
-    alpha_bar = torch.cumprod(1.0 - betas, dim=0)
-    return alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
-
-
-_SQRT_ALPHA_BAR, _SQRT_ONE_MINUS_ALPHA_BAR = noise_schedule()
-
-
-def add_diffusion_noise(image: torch.Tensor, noise: torch.Tensor, noise_step: int) -> torch.Tensor:
-    r"""Forward diffusion to step k, clamped to pixel range: ``clamp(sqrt(ab_k) v + sqrt(1 - ab_k) eps, 0, 1)``.
-
-    ``image`` holds pixel values in [0, 1]; ``noise`` is standard normal of the same shape (TPO_METHOD §1).
-    """
-    signal_scale = _SQRT_ALPHA_BAR[noise_step].item()
-    noise_scale = _SQRT_ONE_MINUS_ALPHA_BAR[noise_step].item()
-    return (signal_scale * image + noise_scale * noise).clamp_(0.0, 1.0)
-
-
-def noise_seed(seed: int, step_key: int, image: Image.Image) -> int:
-    """A 63-bit generator seed from the training seed, the step key and the image's pixels."""
-    digest = hashlib.blake2b(digest_size=8)
-    digest.update(f"{seed}/{step_key}/{image.mode}/{image.size}".encode())
-    digest.update(image.tobytes())
-    return int.from_bytes(digest.digest(), "little") >> 1
-
-
-def corrupt_image(image: Image.Image, corruption: str, noise_step: int, seed: int, step_key: int) -> Image.Image:
-    """The corrupted copy of one RGB image: diffusion noise at ``noise_step``, or a white image of the same size."""
-    if corruption == "blank":
-        return Image.new(image.mode, image.size, (255,) * len(image.getbands()))
-
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
-    generator = torch.Generator().manual_seed(noise_seed(seed, step_key, image))
-    noise = torch.randn(pixels.shape, generator=generator, dtype=torch.float32)
-    noisy = add_diffusion_noise(pixels, noise, noise_step)
-    return Image.fromarray((noisy * 255.0).round_().to(torch.uint8).numpy())
+def regularize_images(mm_plugin: Any, images: list[Any], processor: Any) -> list[Image.Image]:
+    """Open and resize images exactly as ``mm_plugin.get_mm_inputs`` does (LLaMA-Factory 0.9.5, ``_get_mm_inputs``)."""
+    regularize = getattr(mm_plugin, "_regularize_images", None)
+    if regularize is None:
+        raise IncompatibleLlamaFactoryError(
+            f"tpo-plugin expects `{type(mm_plugin).__name__}._regularize_images` "
+            f"(LLaMA-Factory {SUPPORTED_LLAMAFACTORY}); the installed LLaMA-Factory does not have it."
+        )
+    return regularize(
+        images,
+        image_max_pixels=getattr(processor, "image_max_pixels", 768 * 768),
+        image_min_pixels=getattr(processor, "image_min_pixels", 32 * 32),
+    )["images"]
 
 
 class ImageCorrupter:

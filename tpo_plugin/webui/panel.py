@@ -1,18 +1,19 @@
 """TPO in LLaMA-Factory's web UI (LlamaBoard): the TPO settings panel, its labels, and its training arguments.
 
-:mod:`tpo_plugin.patches` hooks these pieces into LLaMA-Factory's UI; this module knows nothing of
+:mod:`tpo_plugin.integration.patches` hooks these pieces into LLaMA-Factory's UI; this module knows nothing of
 LLaMA-Factory's UI internals. It is imported only when LLaMA-Factory loads its web UI, never at start-up,
 and imports gradio only inside the functions that need it.
 
 The controls, their defaults and choices, and the English help texts come from the ``tpo_*`` fields of
-:class:`tpo_plugin.hparams.TPOArguments`, so the UI and the YAML keys cannot disagree.
+:class:`tpo_plugin.hparams.tpo_args.TPOArguments`, so the UI and the YAML keys cannot disagree.
 """
 
 import re
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, Callable
 
-from .hparams import CORRUPTIONS, NOISE_STEPS, REWARD_SIDES, SCORE_KINDS, TPOArguments, tpo_defaults
+from ..hparams.tpo_args import CORRUPTIONS, REWARD_SIDES, SCORE_KINDS, TPOArguments, tpo_defaults
+from ..method.noise import NUM_NOISE_STEPS
 
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ def create_tpo_tab() -> dict[str, "Component"]:
         with gr.Row():
             controls = dict(
                 tpo_noise_step=gr.Slider(
-                    minimum=0, maximum=NOISE_STEPS - 1, step=1, precision=0, value=defaults["tpo_noise_step"]
+                    minimum=0, maximum=NUM_NOISE_STEPS - 1, step=1, precision=0, value=defaults["tpo_noise_step"]
                 ),
                 tpo_corruption=gr.Dropdown(choices=list(CORRUPTIONS), value=defaults["tpo_corruption"]),
                 tpo_reward_on=gr.Dropdown(choices=list(REWARD_SIDES), value=defaults["tpo_reward_on"]),
@@ -79,7 +80,7 @@ def check_tpo_args(args: dict[str, Any]) -> str:
     images shows only once the data is loaded: the training process checks that before it loads the model,
     and its message reaches the output box.
     """
-    from .workflow import check_ranking_datasets
+    from ..training.data_checks import check_ranking_datasets
 
     try:
         check_ranking_datasets(_parse_tpo_args(args))
@@ -94,7 +95,7 @@ def _parse_tpo_args(args: dict[str, Any]) -> Any:
     from llamafactory.hparams import DataArguments
     from transformers import HfArgumentParser
 
-    from .hparams import TPOFinetuningArguments
+    from ..hparams.tpo_args import TPOFinetuningArguments
 
     data_args, _ = HfArgumentParser([DataArguments, TPOFinetuningArguments]).parse_dict(args, allow_extra_keys=True)
     return data_args
@@ -104,7 +105,7 @@ def _check_template(template_name: str | None) -> None:
     """A template without an image plugin cannot feed images to the model (unknown names: left to the CLI)."""
     from llamafactory.data import TEMPLATES
 
-    from .workflow import check_image_template
+    from ..training.data_checks import check_image_template
 
     if template_name in TEMPLATES:
         check_image_template(TEMPLATES[template_name], template_name)

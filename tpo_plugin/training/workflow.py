@@ -7,12 +7,11 @@ passes and the token weights.
 
 import os
 import signal
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
-from llamafactory.data.parser import get_dataset_list
 from llamafactory.extras import logging
-from llamafactory.extras.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from llamafactory.extras.constants import IGNORE_INDEX
 from llamafactory.extras.misc import calculate_tps
 from llamafactory.extras.ploting import plot_loss
 from llamafactory.model import load_model, load_tokenizer
@@ -20,16 +19,15 @@ from llamafactory.train.trainer_utils import create_modelcard_and_push, create_r
 
 from .collator import TPODataCollatorWithPadding
 from .corruption import ImageCorrupter
-from .patches import aligned_datasets
+from .data_checks import check_image_template, check_pairs, check_ranking_datasets
 from .stopping import StopOnSignalCallback
-from .validation import check_preference_data
 
 
 if TYPE_CHECKING:
     from llamafactory.hparams import DataArguments, ModelArguments
     from transformers import Seq2SeqTrainingArguments, TrainerCallback
 
-    from .hparams import TPOFinetuningArguments
+    from ..hparams.tpo_args import TPOFinetuningArguments
 
 
 # A child of LLaMA-Factory's logger, so TPO's messages share its handler, format and rank filtering.
@@ -148,45 +146,3 @@ def run_tpo(
 
     # Create model card
     create_modelcard_and_push(trainer, model_args, data_args, training_args, finetuning_args)
-
-
-def check_ranking_datasets(data_args: "DataArguments") -> None:
-    """TPO trains on preference pairs: every dataset must be marked ``"ranking": true``."""
-    for names in (data_args.dataset, data_args.eval_dataset):
-        for name, dataset_attr in zip(names or [], get_dataset_list(names, data_args.dataset_dir), strict=True):
-            if not dataset_attr.ranking:
-                raise ValueError(
-                    f"Dataset `{name}` ({dataset_attr}) is not a ranking (preference) dataset, but stage tpo "
-                    'trains on chosen/rejected pairs: mark it `"ranking": true` in '
-                    f"{data_args.dataset_dir}/dataset_info.json and give it `chosen` and `rejected` columns."
-                )
-
-
-def check_image_template(template: Any, template_name: Optional[str]) -> None:
-    """TPO corrupts images, so the template's multimodal plugin must turn images into model inputs."""
-    if template.mm_plugin.image_token is None:
-        raise ValueError(
-            f"Template `{template_name}` has no multimodal plugin for images, but stage tpo needs one; "
-            "use the vision-language template of your model (e.g. qwen2_vl, qwen2_5_vl, qwen3_vl, llava, intern_vl)."
-        )
-
-
-def check_pairs(model_args: "ModelArguments", data_args: "DataArguments", training_args: Any) -> None:
-    """Refuse bad samples (named) and image-free training data; image-less pairs train as DPO pairs (weight 1)."""
-    for split, names in (("training", data_args.dataset), ("evaluation", data_args.eval_dataset)):
-        datasets = aligned_datasets(names, model_args, data_args, training_args)
-        if any(getattr(dataset, "column_names", None) is None for dataset in datasets.values()):
-            logger.warning_rank0(f"The {split} data is streamed, so stage tpo cannot check it before training.")
-            continue
-
-        num_pairs, without_image = check_preference_data(datasets, IMAGE_PLACEHOLDER)
-        if split == "training" and num_pairs and without_image == num_pairs:
-            raise ValueError(
-                "No training pair has an image, but stage tpo weights tokens by how much they depend on the image; "
-                "check the `images` column of the dataset, or train with `stage: dpo`."
-            )
-        if without_image:
-            logger.warning_rank0(
-                f"{without_image} of {num_pairs} {split} pairs have no image; "
-                "they train as plain DPO pairs (weight 1)."
-            )

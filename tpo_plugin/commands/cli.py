@@ -12,9 +12,12 @@ from typing import Optional
 # sub-command -> module defining ``add_arguments(parser)`` and ``run(args) -> int``. The modules import
 # nothing heavy at module level, so ``--help`` stays instant.
 COMMANDS = {
-    "demo": ("tpo_plugin.demo", "train TPO on the shipped demo set with a tiny local model (offline, ~1 min on CPU)"),
-    "sweep": ("tpo_plugin.sweep", "run a recipe once per value of a key and tabulate the final metrics"),
-    "convert": ("tpo_plugin.convert", "convert RLHF-V / RLAIF-V files to LLaMA-Factory's preference format"),
+    "demo": (
+        "tpo_plugin.commands.demo",
+        "train TPO on the shipped demo set with a tiny local model (offline, ~15 s on CPU)",
+    ),
+    "sweep": ("tpo_plugin.commands.sweep", "run a recipe once per value of a key and tabulate the final metrics"),
+    "convert": ("tpo_plugin.commands.convert", "convert RLHF-V / RLAIF-V files to LLaMA-Factory's preference format"),
 }
 
 

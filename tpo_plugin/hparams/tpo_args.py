@@ -10,10 +10,9 @@ from typing import Any, Literal
 
 from llamafactory.hparams.finetuning_args import FinetuningArguments
 
-from .patches import apply_deferred
+from ..method.noise import NUM_NOISE_STEPS
 
 
-NOISE_STEPS = 1000
 CORRUPTIONS = ("diffusion", "blank")
 REWARD_SIDES = ("both", "chosen", "rejected")
 SCORE_KINDS = ("logit", "logprob")
@@ -68,8 +67,8 @@ class TPOArguments:
     def validate_tpo_arguments(self) -> None:
         """Raise ``ValueError`` naming the key, the value and what is allowed."""
         step = self.tpo_noise_step
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < NOISE_STEPS:
-            raise ValueError(f"`tpo_noise_step` must be an integer in 0..{NOISE_STEPS - 1}, got {step!r}.")
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < NUM_NOISE_STEPS:
+            raise ValueError(f"`tpo_noise_step` must be an integer in 0..{NUM_NOISE_STEPS - 1}, got {step!r}.")
 
         _check_choice("tpo_corruption", self.tpo_corruption, CORRUPTIONS)
         _check_choice("tpo_reward_on", self.tpo_reward_on, REWARD_SIDES)
@@ -140,8 +139,3 @@ class TPOFinetuningArguments(FinetuningArguments, TPOArguments):
                     f"`{key}: {getattr(self, key)}` is only used by `stage: tpo`, but stage is {self.stage!r}; "
                     "remove the tpo_* keys or set `stage: tpo`."
                 )
-
-
-# If importing this module is what loaded LLaMA-Factory, its parser could not be patched then (the patch
-# needs the class above): patch it now. Otherwise this does nothing.
-apply_deferred()

@@ -5,7 +5,10 @@ children that ``llamafactory-cli`` starts through torchrun, so it runs in proces
 import LLaMA-Factory too. It therefore uses only what the interpreter has already loaded (``sys``,
 ``os``) and does nothing but put one finder on ``sys.meta_path``. The finder answers ``None`` for
 every module except the few LLaMA-Factory modules listed in ``PATCHED_MODULES``; for those it
-wraps the real loader so that :func:`tpo_plugin.patches.apply` runs once the module has executed.
+wraps the real loader so that :func:`tpo_plugin.integration.patches.apply` runs once the module has
+executed. It also watches the plugin's own arguments module: when importing that module is what loads
+LLaMA-Factory, the parser patch has to wait for the class the module defines, and is applied right
+after the module has run.
 
 Set ``TPO_PLUGIN_DISABLE=1`` to turn the plugin off.
 """
@@ -14,10 +17,10 @@ import os
 import sys
 
 
+# Must equal tpo_plugin.compat.DISABLE_ENV, the keys of tpo_plugin.integration.patches.PATCHES and its
+# ARGUMENTS_MODULE (a test checks it); kept here so that the start-up path imports nothing else.
 DISABLE_ENV = "TPO_PLUGIN_DISABLE"
-
-# Must equal the keys of ``tpo_plugin.patches.PATCHES`` (a test checks it); kept here so that the
-# start-up path does not import the patch module.
+ARGUMENTS_MODULE = "tpo_plugin.hparams.tpo_args"
 PATCHED_MODULES = frozenset(
     {
         "llamafactory.hparams.parser",
@@ -48,16 +51,19 @@ class _PatchingLoader:
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        from tpo_plugin import patches
+        from tpo_plugin.integration import patches
 
-        patches.apply(module.__name__, module)
+        if module.__name__ == ARGUMENTS_MODULE:
+            patches.apply_deferred()
+        else:
+            patches.apply(module.__name__, module)
 
 
 class PatchingFinder:
-    """A ``sys.meta_path`` finder that only ever claims the modules in ``PATCHED_MODULES``."""
+    """A ``sys.meta_path`` finder that only ever claims the modules in ``PATCHED_MODULES`` and ``ARGUMENTS_MODULE``."""
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in PATCHED_MODULES:
+        if fullname not in PATCHED_MODULES and fullname != ARGUMENTS_MODULE:
             return None
 
         for finder in sys.meta_path:
@@ -83,7 +89,7 @@ def install(force: bool = False) -> None:
 
     already_loaded = [name for name in PATCHED_MODULES if name in sys.modules]
     if already_loaded and force:
-        from tpo_plugin import patches
+        from tpo_plugin.integration import patches
 
         for name in sorted(already_loaded):
             patches.apply(name, sys.modules[name])

@@ -1,4 +1,4 @@
-"""Check preference data before the model is loaded, naming the dataset, sample and field of each problem.
+"""Check the run's data and template before the model is loaded, naming the dataset, sample and field of each problem.
 
 LLaMA-Factory finds some of these problems only while it tokenises (with a traceback that names no
 sample) and others not at all: a missing image file surfaces in the middle of training, an empty answer
@@ -8,9 +8,22 @@ trains silently. The checks run on the datasets as LLaMA-Factory has aligned the
 
 import os
 from io import BytesIO
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
+from llamafactory.data import loader
+from llamafactory.data.parser import get_dataset_list
+from llamafactory.extras import logging
+from llamafactory.extras.constants import IMAGE_PLACEHOLDER
 from PIL import Image
+
+from ..compat import require
+
+
+if TYPE_CHECKING:
+    from llamafactory.hparams import DataArguments, ModelArguments
+
+
+logger = logging.get_logger("llamafactory.train.tpo")
 
 
 MAX_REPORTED_PROBLEMS = 10
@@ -91,3 +104,53 @@ def check_preference_data(
             f"The preference data has {len(problems)} problem(s); fix them before training:\n  {shown}{more}"
         )
     return num_pairs, without_image
+
+
+def check_ranking_datasets(data_args: "DataArguments") -> None:
+    """TPO trains on preference pairs: every dataset must be marked ``"ranking": true``."""
+    for names in (data_args.dataset, data_args.eval_dataset):
+        for name, dataset_attr in zip(names or [], get_dataset_list(names, data_args.dataset_dir), strict=True):
+            if not dataset_attr.ranking:
+                raise ValueError(
+                    f"Dataset `{name}` ({dataset_attr}) is not a ranking (preference) dataset, but stage tpo "
+                    'trains on chosen/rejected pairs: mark it `"ranking": true` in '
+                    f"{data_args.dataset_dir}/dataset_info.json and give it `chosen` and `rejected` columns."
+                )
+
+
+def check_image_template(template: Any, template_name: Optional[str]) -> None:
+    """TPO corrupts images, so the template's multimodal plugin must turn images into model inputs."""
+    if template.mm_plugin.image_token is None:
+        raise ValueError(
+            f"Template `{template_name}` has no multimodal plugin for images, but stage tpo needs one; "
+            "use the vision-language template of your model (e.g. qwen2_vl, qwen2_5_vl, qwen3_vl, llava, intern_vl)."
+        )
+
+
+def check_pairs(model_args: "ModelArguments", data_args: "DataArguments", training_args: Any) -> None:
+    """Refuse bad samples (named) and image-free training data; image-less pairs train as DPO pairs (weight 1)."""
+    for split, names in (("training", data_args.dataset), ("evaluation", data_args.eval_dataset)):
+        datasets = aligned_datasets(names, model_args, data_args, training_args)
+        if any(getattr(dataset, "column_names", None) is None for dataset in datasets.values()):
+            logger.warning_rank0(f"The {split} data is streamed, so stage tpo cannot check it before training.")
+            continue
+
+        num_pairs, without_image = check_preference_data(datasets, IMAGE_PLACEHOLDER)
+        if split == "training" and num_pairs and without_image == num_pairs:
+            raise ValueError(
+                "No training pair has an image, but stage tpo weights tokens by how much they depend on the image; "
+                "check the `images` column of the dataset, or train with `stage: dpo`."
+            )
+        if without_image:
+            logger.warning_rank0(
+                f"{without_image} of {num_pairs} {split} pairs have no image; "
+                "they train as plain DPO pairs (weight 1)."
+            )
+
+
+def aligned_datasets(dataset_names: list[str] | None, model_args: Any, data_args: Any, training_args: Any) -> dict:
+    """Each dataset as LLaMA-Factory aligns it before tokenising (``_prompt``, ``_response``, ``_images`` ...)."""
+    if not dataset_names:
+        return {}
+    merged = require(loader, "_get_merged_dataset")
+    return merged(dataset_names, model_args, data_args, training_args, stage="rm", return_dict=True)

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def data_info_dir() -> Path:
     """The repository's ``data_info`` folder, which ships the demo pairs."""
-    folder = Path(__file__).resolve().parent.parent / "data_info"
+    folder = Path(__file__).resolve().parents[2] / "data_info"
     if not (folder / "tpo_demo.json").is_file():
         raise FileNotFoundError(
             f"The demo data was not found at {folder}; run the demo from a clone of tpo-plugin installed with "
@@ -72,7 +72,7 @@ def demo_recipe(model_dir: Path, family: str, run_dir: Path, epochs: float) -> d
 
 
 def run(args: argparse.Namespace) -> int:
-    from .tiny_models import OFFLINE_ENV, build_tiny_model
+    from ..testing.tiny_models import OFFLINE_ENV, build_tiny_model
 
     output_dir = Path(args.output_dir).resolve()
     run_dir = output_dir / "run"

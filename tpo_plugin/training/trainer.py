@@ -16,16 +16,16 @@ from peft import PeftModel
 from transformers.integrations import is_deepspeed_zero3_enabled
 from typing_extensions import override
 
-from .collator import PAIR_IMAGES_KEY
-from .corruption import EVAL_STEP_KEY, ImageCorrupter
-from .image_features import ImageFeatureCache, image_feature_owner, vision_path_is_frozen
-from .objective import (
+from ..method.objective import (
     TokenScores,
     first_scored_position,
     masked_mean,
     target_token_scores,
     tpo_batch_loss,
 )
+from .collator import PAIR_IMAGES_KEY
+from .corruption import EVAL_STEP_KEY, ImageCorrupter
+from .image_features import ImageFeatureCache, image_feature_owner, vision_path_is_frozen
 from .stopping import any_rank
 
 

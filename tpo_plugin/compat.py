@@ -1,0 +1,48 @@
+"""What the plugin is compatible with, and the guard every reach into LLaMA-Factory's internals goes through.
+
+The plugin extends LLaMA-Factory where it has no public extension point (argument lists, the stage
+dispatch, the web UI) and reads two of its private helpers (image loading, dataset alignment). Each
+such place first calls :func:`require`, so a LLaMA-Factory whose internals moved fails at once, naming
+what is missing and the versions the plugin was written for, instead of training something else.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+from types import ModuleType
+from typing import Any
+
+
+# The LLaMA-Factory versions the plugin is tested against: the 0.9.5 release and its main branch, which
+# reports 0.9.6.dev0 until the next release (pyproject.toml admits exactly these).
+SUPPORTED_LLAMAFACTORY = "0.9.5 and 0.9.6.dev0 (main)"
+SUPPORTED_LLAMAFACTORY_VERSIONS = ("0.9.5", "0.9.6.dev0")
+
+# torch, torchvision and torchaudio are built against each other and must come from one release set.
+TORCH_TRIO = {"torch": "2.11.0", "torchvision": "0.26.0", "torchaudio": "2.11.0"}
+
+# Must equal tpo_plugin.integration.bootstrap.DISABLE_ENV (a test checks); the start-up hook keeps its own
+# copy so that it imports nothing at interpreter start.
+DISABLE_ENV = "TPO_PLUGIN_DISABLE"
+
+
+class IncompatibleLlamaFactoryError(RuntimeError):
+    """LLaMA-Factory's internals differ from those the plugin was written for."""
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a distribution, or ``None`` when it is not installed."""
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
+def require(module: ModuleType, attribute: str) -> Any:
+    """``module.attribute``, or an :class:`IncompatibleLlamaFactoryError` naming it and the supported versions."""
+    if not hasattr(module, attribute):
+        raise IncompatibleLlamaFactoryError(
+            f"tpo-plugin expects `{module.__name__}.{attribute}`, which LLaMA-Factory "
+            f"{installed_version('llamafactory') or '(unknown version)'} does not have; the plugin was written "
+            f"for LLaMA-Factory {SUPPORTED_LLAMAFACTORY}. Install one of those, "
+            f"or set {DISABLE_ENV}=1 to turn the plugin off."
+        )
+    return getattr(module, attribute)

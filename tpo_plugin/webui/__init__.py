@@ -1,0 +1,1 @@
+"""The TPO stage in LLaMA-Factory's web UI (LlamaBoard): its settings panel, labels, arguments and checks."""
