@@ -25,9 +25,9 @@ import pytest
 import yaml
 from webui_helpers import DATA_INFO, build_train_tab
 
+from tpo_plugin.hparams.tpo_args import TPOArguments, tpo_defaults
 from tpo_plugin.integration import patches
 from tpo_plugin.webui import panel as webui
-from tpo_plugin.hparams import TPOArguments, tpo_defaults
 
 from conftest import ARTIFACTS, OFFLINE_ENV
 
@@ -307,7 +307,7 @@ def page(browser, webui_server):
     """A fresh tab on LlamaBoard, loaded and labelled; requests that would leave this machine are refused."""
     context = browser.new_context(viewport={"width": 1600, "height": 1300})
     board = context.new_page()
-    board.set_default_timeout(30_000)
+    board.set_default_timeout(UI_TIMEOUT_MS)  # every wait returns at the event; this only bounds a stuck page
     board.route("**/*", lambda route: route.continue_() if is_local(route.request.url) else route.abort())
     board.goto(webui_server.url, wait_until="domcontentloaded", timeout=UI_TIMEOUT_MS)
     use_english(board)
@@ -333,9 +333,15 @@ def is_local(url: str) -> bool:
 
 
 def expect(locator):
-    """Playwright's assertions, which wait for the page to catch up (imported late: Playwright may be missing)."""
+    """Playwright's assertions, which wait for the page to catch up (imported late: Playwright may be missing).
+
+    They return as soon as the page shows what they expect; the limit only bounds a page that never does. The
+    UI polls the run's log every few seconds, so on a busy machine the loss plot may follow "Finished." by more
+    than Playwright's default 5 s.
+    """
     from playwright.sync_api import expect as playwright_expect
 
+    playwright_expect.set_options(timeout=UI_TIMEOUT_MS)
     return playwright_expect(locator)
 
 

@@ -1,7 +1,7 @@
 """``tpo-plugin`` / ``python -m tpo_plugin``: the plugin's own commands.
 
-Training itself is ``llamafactory-cli train``; these commands only prepare data, run the offline demo and
-run ablation sweeps, each through ``llamafactory-cli train``.
+Training itself is ``llamafactory-cli train``; these commands prepare data, run the offline demo, run ablation
+sweeps (each through ``llamafactory-cli train``) and report the environment.
 """
 
 import argparse
@@ -18,6 +18,7 @@ COMMANDS = {
     ),
     "sweep": ("tpo_plugin.commands.sweep", "run a recipe once per value of a key and tabulate the final metrics"),
     "convert": ("tpo_plugin.commands.convert", "convert RLHF-V / RLAIF-V files to LLaMA-Factory's preference format"),
+    "env": ("tpo_plugin.commands.env", "print versions and the plugin's state for a bug report, and known problems"),
 }
 
 
