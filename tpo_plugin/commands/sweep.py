@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .eval import EVAL_SPEC_HELP, evaluate_trained_run, parse_eval_specs
+
 
 # Bookkeeping that says nothing about the model; left out of the table.
 IGNORED_METRICS = {"epoch", "step", "grad_norm", "learning_rate", "total_flos"}
@@ -31,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output-root", type=Path, help="default: <recipe output_dir>_sweep_<key>")
     parser.add_argument("--overwrite", action="store_true", help="replace finished runs instead of refusing")
+    parser.add_argument(
+        "--eval", action="append", default=[], metavar=EVAL_SPEC_HELP,
+        help="evaluate each trained run with `tpo-plugin eval` into <run>/eval_<name>, add its metrics (repeatable)",
+    )  # fmt: skip
 
 
 def parse_sweep(text: str) -> tuple[str, list[str]]:
@@ -46,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         key, values = parse_sweep(args.sweep)
+        evals = parse_eval_specs(args.eval)
     except ValueError as error:
         print(error, file=sys.stderr)
         return 2
@@ -67,11 +74,15 @@ def run(args: argparse.Namespace) -> int:
         returncode = subprocess.run(command, env=os.environ.copy()).returncode
         status = "ok" if returncode == 0 else f"failed (exit code {returncode})"
         rows.append({key: value, "status": status, **final_metrics(run_dir)})
+        if returncode == 0 and evals:
+            config = {**recipe, **dict(item.split("=", 1) for item in args.overrides), key: value}
+            rows[-1].update(evaluate_trained_run(evals, config, run_dir))
 
     write_tables(rows, output_root)
     print(f"[sweep] table: {output_root / 'sweep.csv'} and {output_root / 'sweep.md'}")
     print((output_root / "sweep.md").read_text())
-    return 0 if all(row["status"] == "ok" for row in rows) else 1
+    statuses = [value for row in rows for column, value in row.items() if column.endswith("status")]
+    return 0 if all(status == "ok" for status in statuses) else 1
 
 
 def final_metrics(run_dir: Path) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Hallucination benchmarks (POPE, AMBER's discriminative task) scored as their reference scripts score them."""
