@@ -40,6 +40,7 @@ TPO_UI_VALUES = {
     "tpo_reward_offset": 0.75,
     "tpo_score": "logprob",
     "tpo_detach_reward": True,
+    "tpo_allow_changed_settings": True,
 }
 PREF_UI_VALUES = {"pref_beta": 0.2, "pref_ftx": 0.5, "pref_loss": "hinge"}
 

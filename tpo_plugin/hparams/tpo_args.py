@@ -63,6 +63,14 @@ class TPOArguments:
             "a graph, which is cheaper (TPO_METHOD §4). Default false."
         },
     )
+    tpo_allow_changed_settings: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint even though settings that define the objective (tpo_* keys, pref_beta, "
+            "pref_loss, pref_ftx, dpo_label_smoothing, ref_model, ref_model_adapters, seed) differ from those it "
+            "was trained with; the changes are logged. Otherwise such a resume is refused. Default false."
+        },
+    )
 
     def validate_tpo_arguments(self) -> None:
         """Raise ``ValueError`` naming the key, the value and what is allowed."""
@@ -81,6 +89,10 @@ class TPOArguments:
 
         if not isinstance(self.tpo_detach_reward, bool):
             raise ValueError(f"`tpo_detach_reward` must be true or false, got {self.tpo_detach_reward!r}.")
+        if not isinstance(self.tpo_allow_changed_settings, bool):
+            raise ValueError(
+                f"`tpo_allow_changed_settings` must be true or false, got {self.tpo_allow_changed_settings!r}."
+            )
 
 
 def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -20,6 +20,13 @@ from llamafactory.train.trainer_utils import create_modelcard_and_push, create_r
 from .collator import TPODataCollatorWithPadding
 from .corruption import ImageCorrupter
 from .data_checks import check_image_template, check_pairs, check_ranking_datasets
+from .run_settings import (
+    RecordSettingsCallback,
+    check_resume,
+    objective_settings,
+    report_whole_run_train_loss,
+    write_settings,
+)
 from .stopping import StopOnSignalCallback
 
 
@@ -59,6 +66,8 @@ def run_tpo(
         f"pref_beta={finetuning_args.pref_beta}."
     )
     check_ranking_datasets(data_args)
+    resumed_step = check_resume(training_args, finetuning_args)  # a finished run or another objective: refused
+    settings = objective_settings(finetuning_args, training_args)
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
@@ -107,6 +116,7 @@ def run_tpo(
     if training_args.do_train:
         stop_on_signal = StopOnSignalCallback(trainer.accelerator)
         trainer.add_callback(stop_on_signal)
+        trainer.add_callback(RecordSettingsCallback(settings))
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         if stop_on_signal.stopped:  # a checkpoint, not a finished model: nothing may look like one
             checkpoint = os.path.join(training_args.output_dir, f"checkpoint-{trainer.state.global_step}")
@@ -117,6 +127,10 @@ def run_tpo(
             raise SystemExit(128 + int(stop_on_signal.received or signal.SIGTERM))
 
         trainer.save_model()
+        if training_args.should_save:
+            write_settings(training_args.output_dir, settings)
+        if resumed_step is not None:  # transformers' train_loss divides the resumed steps' sum by all steps
+            report_whole_run_train_loss(trainer.state, train_result.metrics, resumed_step)
         if finetuning_args.include_effective_tokens_per_second:
             train_result.metrics["effective_tokens_per_sec"] = calculate_tps(
                 dataset_module["train_dataset"], train_result.metrics, stage="rm"

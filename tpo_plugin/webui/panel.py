@@ -45,6 +45,7 @@ def create_tpo_tab() -> dict[str, "Component"]:
                 tpo_reward_offset=gr.Number(minimum=0, step=0.05, value=defaults["tpo_reward_offset"]),
                 tpo_score=gr.Dropdown(choices=list(SCORE_KINDS), value=defaults["tpo_score"]),
                 tpo_detach_reward=gr.Checkbox(value=defaults["tpo_detach_reward"]),
+                tpo_allow_changed_settings=gr.Checkbox(value=defaults["tpo_allow_changed_settings"]),
             )
 
     return dict(tpo_tab=tpo_tab, tpo_info=tpo_info, **controls)
@@ -231,6 +232,34 @@ _TEXTS: dict[str, dict[str, tuple[str, ...]]] = {
             "報酬の勾配を切り離す",
             "ポリシーのトークン重みを通る勾配を止めます。破損画像に対するポリシーの順伝播は計算グラフなしで実行され、"
             "コストが下がります。デフォルトは false。",
+        ),
+    },
+    "tpo_allow_changed_settings": {
+        "en": ("Allow changed settings on resume", _english_help("tpo_allow_changed_settings")),
+        "ru": (
+            "Разрешить изменённые настройки при возобновлении",
+            "Возобновить обучение с контрольной точки, даже если настройки, задающие целевую функцию (ключи tpo_*, "
+            "pref_beta, pref_loss, pref_ftx, dpo_label_smoothing, ref_model, ref_model_adapters, seed), отличаются "
+            "от тех, с которыми она обучалась; изменения записываются в журнал. Иначе такое возобновление "
+            "отклоняется. По умолчанию выключено.",
+        ),
+        "zh": (
+            "恢复训练时允许更改设置",
+            "即使决定训练目标的设置（tpo_* 参数、pref_beta、pref_loss、pref_ftx、dpo_label_smoothing、ref_model、"
+            "ref_model_adapters、seed）与检查点训练时不同，也从该检查点恢复训练，并在日志中记录这些更改；否则拒绝恢复。"
+            "默认关闭。",
+        ),
+        "ko": (
+            "재개 시 설정 변경 허용",
+            "목적 함수를 정하는 설정(tpo_* 키, pref_beta, pref_loss, pref_ftx, dpo_label_smoothing, ref_model, "
+            "ref_model_adapters, seed)이 체크포인트 학습 때와 달라도 체크포인트에서 학습을 재개하고 변경 사항을 "
+            "로그에 남깁니다. 그렇지 않으면 재개를 거부합니다. 기본값 false.",
+        ),
+        "ja": (
+            "再開時の設定変更を許可",
+            "目的関数を決める設定（tpo_* キー、pref_beta、pref_loss、pref_ftx、dpo_label_smoothing、ref_model、"
+            "ref_model_adapters、seed）がチェックポイントの学習時と異なっていても再開し、変更をログに記録します。"
+            "そうでなければ再開を拒否します。デフォルトは false。",
         ),
     },
 }
