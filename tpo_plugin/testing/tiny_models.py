@@ -6,10 +6,13 @@ model of well under a million parameters with random weights, and the family's p
 then runs its real pipeline on it (template, multimodal plugin, LoRA or full fine-tuning) in seconds on a
 CPU.
 
-Two families are covered, one per kind of multimodal plugin in LLaMA-Factory:
+The families, one per kind of multimodal plugin in LLaMA-Factory and the Qwen generations users train:
 
 * ``qwen2_vl``: Qwen2-VL, whose image tokens depend on the image size (dynamic resolution, M-RoPE);
-* ``llava``: LLaVA-1.5, a CLIP vision tower in front of a Llama, with a fixed number of image tokens.
+* ``llava``: LLaVA-1.5, a CLIP vision tower in front of a Llama, with a fixed number of image tokens;
+* ``qwen2_5_vl``: Qwen2.5-VL (windowed vision attention, SwiGLU merger), trained with the ``qwen2_vl`` template;
+* ``qwen3_vl``: Qwen3-VL dense (16-pixel patches, learned position embeddings, deepstack features, QK-norm);
+* ``llava_next``: LLaVA-NeXT, LLaVA with any-resolution tiles (the image tokens depend on the image size).
 
 Only the standard library, torch, tokenizers, PIL and transformers are imported, never llamafactory, so
 tests can build a model before LLaMA-Factory is configured.
@@ -33,13 +36,24 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
 )
 
 
@@ -55,7 +69,13 @@ OFFLINE_ENV = {
 }
 """Environment for LLaMA-Factory processes that must not reach any hub (the tiny models are local)."""
 
-FAMILIES = {"qwen2_vl": "qwen2_vl", "llava": "llava"}
+FAMILIES = {
+    "qwen2_vl": "qwen2_vl",
+    "llava": "llava",
+    "qwen2_5_vl": "qwen2_vl",
+    "qwen3_vl": "qwen3_vl",
+    "llava_next": "llava_next",
+}
 """Supported families, each mapped to the LLaMA-Factory ``template`` that trains it."""
 
 # Written last into a finished build, so that a directory holding it is complete. Bump the version when
@@ -356,7 +376,140 @@ def _build_llava() -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     return LlavaForConditionalGeneration(config), processor
 
 
-_BUILDERS = {"qwen2_vl": _build_qwen2_vl, "llava": _build_llava}
+def _build_qwen2_5_vl() -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor]:
+    """Qwen2.5-VL with Qwen's special tokens: windowed vision attention (one window of 2 x 2 merged tokens) in
+    the first block, full attention in the second; a 56 x 56 image becomes 4 tokens, as for Qwen2-VL."""
+    tokenizer = qwen2_vl_tokenizer(_train_tokenizer(_QWEN2_VL_SPECIAL_TOKENS))
+    text = {**_TEXT, "vocab_size": len(tokenizer), "max_position_embeddings": _MAX_POSITIONS}
+    ids = _qwen_token_ids(tokenizer)
+    config = Qwen2_5_VLConfig(
+        text_config=_qwen_text_config(tokenizer, text, rope_theta=1e6),
+        vision_config={
+            "depth": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 4,
+            "out_hidden_size": text["hidden_size"],
+            "patch_size": _PATCH_SIZE,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 2 * 2 * _PATCH_SIZE,
+            "fullatt_block_indexes": [1],
+        },
+        **ids,
+    )
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**SMALL_IMAGE_PIXELS),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(**SMALL_IMAGE_PIXELS),
+    )
+    return Qwen2_5_VLForConditionalGeneration(config), processor
+
+
+_QWEN3_VL_PATCH_SIZE = 16
+# As SMALL_IMAGE_PIXELS for 16-pixel patches: a 56 x 56 image is resized to 64 x 64, 2 x 2 merged tokens.
+_QWEN3_VL_PIXELS = {
+    "min_pixels": 4 * (_QWEN3_VL_PATCH_SIZE * 2) ** 2,
+    "max_pixels": 16 * (_QWEN3_VL_PATCH_SIZE * 2) ** 2,
+}
+
+
+def _build_qwen3_vl() -> tuple[Qwen3VLForConditionalGeneration, Qwen3VLProcessor]:
+    """Qwen3-VL (dense): 16-pixel patches with learned position embeddings, deepstack features from both vision
+    blocks, interleaved M-RoPE and QK-norm in the text model; a 56 x 56 image becomes 4 tokens."""
+    tokenizer = qwen2_vl_tokenizer(_train_tokenizer(_QWEN2_VL_SPECIAL_TOKENS + ["<think>", "</think>"]))
+    text = {**_TEXT, "vocab_size": len(tokenizer), "max_position_embeddings": _MAX_POSITIONS}
+    text_config = _qwen_text_config(tokenizer, text, rope_theta=5e6)
+    text_config["rope_parameters"]["mrope_interleaved"] = True
+    text_config["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
+    text_config.pop("bos_token_id")
+    text_config.pop("eos_token_id")
+    config = Qwen3VLConfig(
+        text_config=text_config,
+        vision_config={
+            "depth": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 4,
+            "out_hidden_size": text["hidden_size"],
+            "patch_size": _QWEN3_VL_PATCH_SIZE,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 16,  # a 4 x 4 grid, interpolated to other sizes
+            "deepstack_visual_indexes": [0, 1],
+        },
+        **_qwen_token_ids(tokenizer),
+    )
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=_QWEN3_VL_PATCH_SIZE, image_mean=[0.5] * 3, image_std=[0.5] * 3, **_QWEN3_VL_PIXELS
+    )
+    video_processor = Qwen3VLVideoProcessor(
+        patch_size=_QWEN3_VL_PATCH_SIZE, image_mean=[0.5] * 3, image_std=[0.5] * 3, **_QWEN3_VL_PIXELS
+    )
+    processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor)
+    return Qwen3VLForConditionalGeneration(config), processor
+
+
+def _qwen_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """The vision token ids a Qwen-VL config names, taken from ``tokenizer``."""
+    names = {"image": "<|image_pad|>", "video": "<|video_pad|>"}
+    ids = {f"{kind}_token_id": tokenizer.convert_tokens_to_ids(token) for kind, token in names.items()}
+    ids["vision_start_token_id"] = tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    ids["vision_end_token_id"] = tokenizer.convert_tokens_to_ids("<|vision_end|>")
+    return ids
+
+
+def _qwen_text_config(tokenizer: PreTrainedTokenizerFast, text: dict, rope_theta: float) -> dict:
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    return dict(
+        **text,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": _mrope_section(head_dim)},
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+# LLaVA-NeXT's any-resolution grids: an image is cut into 1 or 2 x 2 tiles of 28 x 28 beside a 28 x 28 overview.
+_LLAVA_NEXT_PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56]]
+
+
+def _build_llava_next() -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
+    """LLaVA-NeXT: LLaVA-1.5's tokenizer, tiny CLIP and Llama; each image an overview plus any-resolution tiles."""
+    llava, llava_processor = _build_llava()
+    tokenizer = llava_processor.tokenizer
+    config = LlavaNextConfig(
+        vision_config=llava.config.vision_config,
+        text_config=llava.config.text_config,
+        image_token_index=llava.config.image_token_index,
+        image_grid_pinpoints=_LLAVA_NEXT_PINPOINTS,
+        image_seq_length=llava.config.image_seq_length,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": _LLAVA_IMAGE_SIZE},
+        crop_size={"height": _LLAVA_IMAGE_SIZE, "width": _LLAVA_IMAGE_SIZE},
+        image_grid_pinpoints=_LLAVA_NEXT_PINPOINTS,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=_PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, which "default" then drops
+        image_token="<image>",
+    )
+    return LlavaNextForConditionalGeneration(config), processor
+
+
+_BUILDERS = {
+    "qwen2_vl": _build_qwen2_vl,
+    "llava": _build_llava,
+    "qwen2_5_vl": _build_qwen2_5_vl,
+    "qwen3_vl": _build_qwen3_vl,
+    "llava_next": _build_llava_next,
+}
 
 
 def _save(model, processor, output_dir: pathlib.Path) -> list[str]:

@@ -20,6 +20,7 @@ from llamafactory.train.trainer_utils import create_modelcard_and_push, create_r
 from .collator import TPODataCollatorWithPadding
 from .corruption import ImageCorrupter
 from .data_checks import check_image_template, check_pairs, check_ranking_datasets
+from .families import check_template_family
 from .run_settings import (
     RecordSettingsCallback,
     check_resume,
@@ -72,6 +73,7 @@ def run_tpo(
     tokenizer = tokenizer_module["tokenizer"]
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     check_image_template(template, data_args.template)
+    check_template_family(data_args.template)
     check_pairs(model_args, data_args, training_args)
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="rm", **tokenizer_module)
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
