@@ -222,9 +222,9 @@ def test_bad_row_names_file_row_and_field(tmp_path, capsys, case):
     stderr = capsys.readouterr().err
     assert stderr.startswith(f"tpo-plugin convert: error: {source} row 1: {message}"), stderr
     assert "Traceback" not in stderr
-    # Nothing of row 1 was written, no pairs JSON (not even a temporary one) and no dataset_info.json.
-    assert [path.name for path in out.iterdir()] == ["images"]
-    assert [path.name for path in (out / "images").iterdir()] == [f"{dataset.replace('-', '_')}_00000000.png"]
+    # Nothing is left (row 0's image removed again): no pairs JSON, not even a temporary one, no dataset_info.json.
+    assert [path.name for path in out.iterdir()] == []  # a failed conversion leaves nothing behind, not even images/
+    assert not (out / "images").exists()  # row 0's image, written before row 1 failed, was removed
 
 
 def test_bad_parquet_row_is_counted_within_its_file(tmp_path, capsys):
@@ -289,7 +289,9 @@ def test_identical_answers_are_kept_with_a_warning(tmp_path, capsys):
     assert run_convert("rlaif-v", source, "--output-dir", tmp_path / "out") == 0
 
     assert len(json.loads((tmp_path / "out" / "rlaif_v.json").read_text())) == 2
-    assert f"same chosen and rejected answer and teach nothing: {source} row 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 pair(s) have the same chosen and rejected answer" in err and f"unless intended: {source} row 1" in err
+    assert "positive margin and a non-zero gradient" in err and "teach nothing" not in err
 
 
 def test_refuses_to_overwrite_without_flag(tmp_path, capsys):
@@ -334,7 +336,9 @@ def test_interrupted_run_leaves_no_json(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         convert.convert("rlhf-v", [source], tmp_path / "out")
 
-    assert [path.name for path in (tmp_path / "out").iterdir()] == ["images"]
+    assert [
+        path.name for path in (tmp_path / "out").iterdir()
+    ] == []  # a failed conversion leaves nothing behind, not even images/
 
 
 @pytest.mark.parametrize(

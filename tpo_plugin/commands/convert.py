@@ -21,6 +21,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ PARQUET_BATCH_ROWS = 64  # rows of encoded images held in memory at once
 # The shortest image files PIL reads (a 1x1 GIF, PNG) take 35 bytes or more, that is 48 base64 characters:
 # a shorter string can only be a path.
 MIN_BASE64_IMAGE_CHARS = 48
+MEMORY_ADDRESS = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")  # PIL names the BytesIO it could not read
 EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff"}
 
 
@@ -176,7 +178,7 @@ def _checked_image(data: bytes) -> EncodedImage:
             image_format = image.format
             image.verify()
     except Exception as err:  # PIL raises OSError, SyntaxError, struct.error, ... for bad data
-        raise FieldError("image", f"is not a readable image ({err})") from None
+        raise FieldError("image", f"is not a readable image ({MEMORY_ADDRESS.sub('', str(err))})") from None
     return EncodedImage(data, EXTENSIONS.get(image_format, image_format.lower()))
 
 
@@ -333,6 +335,7 @@ class Summary:
     written: int = 0
     skipped: list[str] = field(default_factory=list)  # messages of the bad rows skipped
     identical: list[str] = field(default_factory=list)  # "file row N" of pairs whose two answers are the same
+    images: list[Path] = field(default_factory=list)  # the image files written, removed if the conversion fails
 
 
 def _located_rows(inputs: list[Path], columns: tuple[str, ...]) -> Iterator[tuple[Path, int, RowOrError]]:
@@ -362,7 +365,8 @@ def _write_pairs(
             summary.skipped.append(str(bad_row))
             continue
         image_name = f"{IMAGE_DIR}/{fmt.stem}_{summary.written:08d}.{image.extension}"
-        (output_dir / image_name).write_bytes(image.data)
+        summary.images.append(output_dir / image_name)
+        summary.images[-1].write_bytes(image.data)
         pair["images"] = [image_name]
         file.write(("," if summary.written else "") + "\n" + json.dumps(pair, ensure_ascii=False))
         if pair["chosen"]["value"].strip() == pair["rejected"]["value"].strip():
@@ -374,6 +378,15 @@ def _write_pairs(
         reason = f"the first bad row: {summary.skipped[0]}" if summary.skipped else "the input files hold no rows"
         raise ConversionError(f"no pairs to write ({reason})")
     file.write("\n]\n")
+
+
+def _remove_written(images: list[Path], created_folders: list[Path]) -> None:
+    """Remove the images of a failed conversion, then the folders it created, innermost first, if empty."""
+    for image in images:
+        image.unlink(missing_ok=True)
+    for folder in created_folders:
+        with contextlib.suppress(OSError):  # not empty: it holds files that are not ours
+            folder.rmdir()
 
 
 def convert(
@@ -389,7 +402,8 @@ def convert(
     """Convert ``inputs`` (files of ``dataset``, a key of :data:`FORMATS`) into ``output_dir``.
 
     Raises :class:`ConversionError` (a :class:`BadRowError` for a bad row unless ``skip_bad_rows``), in
-    which case no pairs JSON is written and ``dataset_info.json`` is left as it was.
+    which case no pairs JSON is written, the images written are removed and ``dataset_info.json`` is left
+    as it was.
     """
     from tqdm import tqdm
 
@@ -402,13 +416,19 @@ def convert(
     total = _check_inputs(inputs)
     _check_outputs(summary.json_path, info_path, summary.name, summary.entry, overwrite)
 
-    (output_dir / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    image_dir = output_dir / IMAGE_DIR
+    created = [] if image_dir.exists() else [image_dir]  # OUTPUT_DIR itself stays: the user named it
+    image_dir.mkdir(parents=True, exist_ok=True)
     if limit is not None:  # the bar's end; without parquet's row counts a guess
         total = limit if total is None else min(total, limit)
     # On stderr, and only once a conversion has taken a second: small conversions print no bar.
     rows = tqdm(_located_rows(inputs, fmt.columns), total=total, unit=" rows", delay=1.0)
-    with rows, _atomic_text_file(summary.json_path) as file:
-        _write_pairs(file, rows, fmt, output_dir, summary, limit, skip_bad_rows)
+    try:
+        with rows, _atomic_text_file(summary.json_path) as file:
+            _write_pairs(file, rows, fmt, output_dir, summary, limit, skip_bad_rows)
+    except BaseException:  # also on Ctrl-C: a failed conversion leaves no images (nor folders) behind
+        _remove_written(summary.images, created)
+        raise
 
     info = _read_dataset_info(info_path)  # read again: merge into the file as it is now
     info[summary.name] = summary.entry
@@ -456,8 +476,10 @@ def _report(summary: Summary, output_dir: Path) -> None:
         print(f"Skipped {len(summary.skipped)} bad row(s), listed above.", file=sys.stderr)
     if summary.identical:
         print(
-            f"Warning: {len(summary.identical)} pair(s) have the same chosen and rejected answer and teach "
-            f"nothing: {', '.join(summary.identical)}",
+            f"Warning: {len(summary.identical)} pair(s) have the same chosen and rejected answer: they state no "
+            "preference, yet stage tpo's asymmetric token weights still give them a positive margin and a non-zero "
+            f"gradient (stage tpo refuses data with more than half such pairs); remove them unless intended: "
+            f"{', '.join(summary.identical)}",
             file=sys.stderr,
         )
     print(f"Wrote {summary.written} pairs to {summary.json_path} (images in {output_dir / IMAGE_DIR}).")

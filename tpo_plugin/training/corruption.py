@@ -15,13 +15,15 @@ from PIL import Image
 
 from ..compat import SUPPORTED_LLAMAFACTORY, IncompatibleLlamaFactoryError
 from ..method.noise import corrupt_image
+from .image_modes import eight_bit_rgb, open_image
 
 
 EVAL_STEP_KEY = -1  # every evaluation uses the same noise, so evaluations at different steps compare
 
 
 def regularize_images(mm_plugin: Any, images: list[Any], processor: Any) -> list[Image.Image]:
-    """Open and resize images exactly as ``mm_plugin.get_mm_inputs`` does (LLaMA-Factory 0.9.5, ``_get_mm_inputs``)."""
+    """Open and resize images exactly as ``mm_plugin.get_mm_inputs`` does (LLaMA-Factory 0.9.5, ``_get_mm_inputs``),
+    after converting the modes its ``convert("RGB")`` destroys (16-bit, float, alpha) to the 8-bit RGB they show."""
     regularize = getattr(mm_plugin, "_regularize_images", None)
     if regularize is None:
         raise IncompatibleLlamaFactoryError(
@@ -29,7 +31,7 @@ def regularize_images(mm_plugin: Any, images: list[Any], processor: Any) -> list
             f"(LLaMA-Factory {SUPPORTED_LLAMAFACTORY}); the installed LLaMA-Factory does not have it."
         )
     return regularize(
-        images,
+        [eight_bit_rgb(open_image(image)) for image in images],
         image_max_pixels=getattr(processor, "image_max_pixels", 768 * 768),
         image_min_pixels=getattr(processor, "image_min_pixels", 32 * 32),
     )["images"]

@@ -6,17 +6,21 @@ trains silently. The checks run on the datasets as LLaMA-Factory has aligned the
 ``_response``, ``_images``), so paths are the ones training would open.
 """
 
+import json
 import os
+import re
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from llamafactory.data import loader
 from llamafactory.data.parser import get_dataset_list
+from llamafactory.data.processor.processor_utils import infer_seqlen
 from llamafactory.extras import logging
 from llamafactory.extras.constants import IMAGE_PLACEHOLDER
 from PIL import Image
 
 from ..compat import require
+from .image_modes import mode_problem
 
 
 if TYPE_CHECKING:
@@ -27,12 +31,19 @@ logger = logging.get_logger("llamafactory.train.tpo")
 
 
 MAX_REPORTED_PROBLEMS = 10
+# Above this share of pairs with identical answers the data is taken for a mistake (e.g. a column mapped twice):
+# such a pair carries no preference, yet TPO's asymmetric token weights (chosen a + s, rejected a + 1 - s) give
+# it a positive margin and a non-zero gradient, so most of the training signal would be an artefact.
+MAX_IDENTICAL_SHARE = 0.5
+MEMORY_ADDRESS = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")  # PIL names the BytesIO it could not read
 
 
-def image_problem(image: Any) -> str | None:
-    """Why an image entry cannot be used, or ``None`` if it opens and decodes."""
+def image_problem(image: Any, media_dir: str = "") -> str | None:
+    """Why an image entry cannot be used, or ``None`` if it opens, decodes and has a usable mode."""
     try:
         if isinstance(image, str):
+            if os.path.isdir(image) or os.path.isdir(os.path.join(media_dir, image)):
+                return f"image `{image}` is a directory, not an image file"
             if not os.path.isfile(image):
                 where = (
                     ""
@@ -44,22 +55,34 @@ def image_problem(image: Any) -> str | None:
         elif isinstance(image, dict) and image.get("bytes") is not None:
             source = BytesIO(image["bytes"])
         elif isinstance(image, dict) and image.get("path"):
-            return image_problem(image["path"])
+            return image_problem(image["path"], media_dir)
         elif isinstance(image, Image.Image):
-            return None
+            return _named_mode_problem(image, "<image object>")
         else:
             return f"image entry of type {type(image).__name__} is neither a path nor image bytes"
 
         with Image.open(source) as opened:
             opened.verify()
+        with Image.open(source) as opened:  # verify() leaves the image unusable; the mode needs a fresh one
+            return _named_mode_problem(opened, image if isinstance(image, str) else "<bytes>")
     except Exception as error:  # PIL raises many kinds; each means the same to the user
-        return f"image `{image if isinstance(image, str) else '<bytes>'}` cannot be decoded ({error})"
-    return None
+        reason = MEMORY_ADDRESS.sub("", str(error))
+        return f"image `{image if isinstance(image, str) else '<bytes>'}` cannot be decoded ({reason})"
 
 
-def pair_problems(row: dict[str, Any], image_placeholder: str = "<image>") -> list[str]:
+def _named_mode_problem(image: Image.Image, name: str) -> str | None:
+    problem = mode_problem(image)
+    return f"image `{name}` {problem}" if problem else None
+
+
+def pair_problems(row: dict[str, Any], image_placeholder: str = "<image>", media_dir: str = "") -> list[str]:
     """Problems of one aligned preference sample."""
-    problems = []
+    problems = [
+        f"has {len(media)} {kind}(s) (`{media[0]}`): stage tpo corrupts images only, so the {kind} would train "
+        f"uncorrupted; remove the {kind} pairs or train them with `stage: dpo`"
+        for kind, media in (("video", row.get("_videos") or []), ("audio", row.get("_audios") or []))
+        if media
+    ]
     responses = row.get("_response") or []
     if len(responses) != 2 or not row.get("_prompt"):
         problems.append("is not a prompt with a chosen and a rejected answer (check its roles and turn order)")
@@ -73,37 +96,172 @@ def pair_problems(row: dict[str, Any], image_placeholder: str = "<image>") -> li
     )
     if placeholders != len(images):
         problems.append(f"has {placeholders} {image_placeholder} placeholder(s) but {len(images)} image(s)")
-    problems.extend(problem for problem in map(image_problem, images) if problem)
+    problems.extend(problem for problem in (image_problem(image, media_dir) for image in images) if problem)
     return problems
 
 
+def identical_answers(row: dict[str, Any]) -> bool:
+    """Chosen and rejected answers are the same text (empty answers are reported as problems instead)."""
+    answers = [str(response.get("content", "")).strip() for response in row.get("_response") or []]
+    return len(answers) == 2 and answers[0] == answers[1] != ""
+
+
+class ImageTokenBudget:
+    """Whether a sample's image tokens survive LLaMA-Factory's truncation to ``cutoff_len``.
+
+    LLaMA-Factory's ``PairwiseDatasetProcessor._encode_data_example`` (0.9.5) expands the images into
+    tokens with ``mm_plugin.process_messages`` (after ``_regularize_images``, so ``image_max_pixels`` counts),
+    then keeps the first ``infer_seqlen(...)[0]`` prompt tokens: a cut through the image tokens crashes only
+    once the model runs. This repeats that encoding, without the model.
+    """
+
+    def __init__(self, template: Any, tokenizer: Any, processor: Any, cutoff_len: int):
+        self.template, self.tokenizer, self.processor, self.cutoff_len = template, tokenizer, processor, cutoff_len
+        self.image_token_id = tokenizer.convert_tokens_to_ids(template.mm_plugin.image_token)
+
+    def problem(self, row: dict[str, Any]) -> str | None:
+        images = row.get("_images") or []
+        if not images:
+            return None
+        prompt_ids, answer_len = self._encode(row, images)
+        positions = [index for index, token in enumerate(prompt_ids) if token == self.image_token_id]
+        needed = positions[-1] + 1 if positions else 0
+        kept, _ = infer_seqlen(len(prompt_ids), answer_len, self.cutoff_len)
+        if kept >= needed:
+            return None
+        enough = next(
+            cutoff
+            for cutoff in range(self.cutoff_len + 1, len(prompt_ids) + answer_len + 1)
+            if infer_seqlen(len(prompt_ids), answer_len, cutoff)[0] >= needed
+        )
+        return (
+            f"needs {len(positions)} image tokens for its {len(images)} image(s) in a prompt of {len(prompt_ids)} "
+            f"tokens (longest answer {answer_len}), but `cutoff_len: {self.cutoff_len}` keeps only {kept} prompt "
+            f"tokens and would cut through the image tokens; set `cutoff_len: {enough}` or more, or lower "
+            "`image_max_pixels` (fewer image tokens per image)"
+        )
+
+    def _encode(self, row: dict[str, Any], images: list[Any]) -> tuple[list[int], int]:
+        """The prompt's token ids with images expanded, and the longer answer's length, as LLaMA-Factory encodes."""
+        mm_plugin, answer_lens = self.template.mm_plugin, []
+        for response in row["_response"][:2]:
+            messages = mm_plugin.process_messages(row["_prompt"] + [response], images, [], [], self.processor)
+            prompt_ids, answer_ids = self.template.encode_oneturn(
+                self.tokenizer, messages, row.get("_system"), row.get("_tools")
+            )
+            answer_lens.append(len(answer_ids) + bool(self.template.efficient_eos))
+        prompt_ids, _ = mm_plugin.process_token_ids(prompt_ids, None, images, [], [], self.tokenizer, self.processor)
+        return prompt_ids, max(answer_lens)
+
+
 def check_preference_data(
-    datasets: dict[str, Iterable[dict[str, Any]]], image_placeholder: str = "<image>"
-) -> tuple[int, int]:
-    """Raise one ``ValueError`` listing the problems of all samples; return (pairs, pairs without image).
+    datasets: dict[str, Iterable[dict[str, Any]]],
+    image_placeholder: str = "<image>",
+    media_dir: str = "",
+    token_budget: Optional[ImageTokenBudget] = None,
+) -> tuple[int, int, list[str]]:
+    """Raise one ``ValueError`` listing the problems of all samples; return (pairs, pairs without image, the
+    samples whose answers are identical).
 
     ``datasets`` maps each dataset name to its aligned rows.
     """
-    problems, num_pairs, without_image = [], 0, 0
+    problems, num_pairs, without_image, identical = [], 0, 0, []
     for name, rows in datasets.items():
         for index, row in enumerate(rows):
             num_pairs += 1
             without_image += not row.get("_images")
-            problems.extend(
-                f"dataset `{name}`, sample {index}: {problem}" for problem in pair_problems(row, image_placeholder)
-            )
+            sample = f"dataset `{name}`, sample {index}"
+            if identical_answers(row):
+                identical.append(sample)
+            row_problems = pair_problems(row, image_placeholder, media_dir)
+            if not row_problems and token_budget is not None:  # encoding needs readable, matching images
+                row_problems = [problem for problem in [token_budget.problem(row)] if problem]
+            problems.extend(f"{sample}: {problem}" for problem in row_problems)
 
     if problems:
-        shown = "\n  ".join(problems[:MAX_REPORTED_PROBLEMS])
-        more = (
-            f"\n  ... and {len(problems) - MAX_REPORTED_PROBLEMS} more"
-            if len(problems) > MAX_REPORTED_PROBLEMS
-            else ""
-        )
+        count = len(problems)
+        raise ValueError(f"The preference data has {count} problem(s); fix them before training:{_listed(problems)}")
+    return num_pairs, without_image, identical
+
+
+def _listed(items: list[str]) -> str:
+    """The first few items, one a line, and how many more there are."""
+    shown = "".join(f"\n  {item}" for item in items[:MAX_REPORTED_PROBLEMS])
+    more = len(items) - MAX_REPORTED_PROBLEMS
+    return shown + (f"\n  ... and {more} more" if more > 0 else "")
+
+
+def check_identical_answers(identical: list[str], num_pairs: int, split: str) -> None:
+    """Warn about pairs whose answers are the same; refuse when they are more than MAX_IDENTICAL_SHARE."""
+    if not identical:
+        return
+    why = (
+        f"{len(identical)} of {num_pairs} {split} pairs have the same chosen and rejected answer. Such a pair "
+        "states no preference, but TPO's asymmetric token weights (chosen a + s, rejected a + 1 - s) still give it "
+        "a positive margin and a non-zero gradient, so it trains on an artefact of the weights"
+    )
+    if len(identical) > MAX_IDENTICAL_SHARE * num_pairs:
         raise ValueError(
-            f"The preference data has {len(problems)} problem(s); fix them before training:\n  {shown}{more}"
+            f"{why}. More than {MAX_IDENTICAL_SHARE:.0%} such pairs means the data is wrong (e.g. `chosen` and "
+            f"`rejected` mapped to the same column in dataset_info.json); fix or remove them:{_listed(identical)}"
         )
-    return num_pairs, without_image
+    logger.warning_rank0(f"{why}; remove them unless that is intended:{_listed(identical)}")
+
+
+def dataset_file_problems(data_args: "DataArguments") -> list[str]:
+    """Local JSON / JSON-lines dataset files that LLaMA-Factory's loader would fail on, with the reason."""
+    problems = []
+    for names in (data_args.dataset, data_args.eval_dataset):
+        for name, attr in zip(names or [], get_dataset_list(names, data_args.dataset_dir), strict=True):
+            if attr.load_from != "file":
+                continue
+            path = os.path.join(data_args.dataset_dir, attr.dataset_name)
+            files = sorted(os.path.join(path, file) for file in os.listdir(path)) if os.path.isdir(path) else [path]
+            for file in files:
+                problem = json_file_problem(file) if file.endswith((".json", ".jsonl")) else None
+                if problem:
+                    problems.append(f"dataset `{name}`, file `{file}`: {problem}")
+    return problems
+
+
+def json_file_problem(path: str) -> str | None:
+    """Why a JSON (a list of samples, or JSON lines, which LLaMA-Factory also reads) file holds no samples."""
+    if not os.path.isfile(path):
+        return "does not exist"
+    with open(path, encoding="utf-8", errors="replace") as file:
+        text = file.read()
+    if not text.strip():
+        return "is empty"
+    try:
+        samples = json.loads(text)
+    except json.JSONDecodeError as error:
+        samples = _json_lines(text)
+        if samples is None:
+            ends_early = error.pos >= len(text.rstrip()) or error.msg.startswith("Unterminated")
+            cut = " (the file ends early: truncated?)" if ends_early else ""
+            return f"is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}{cut}"
+    if isinstance(samples, dict):  # a table of columns: datasets reads that too
+        return None
+    if not isinstance(samples, list):
+        return f"holds a JSON {type(samples).__name__}, not a list of samples"
+    if not samples:
+        return "is an empty list: it holds no samples"
+    not_objects = [index for index, sample in enumerate(samples) if not isinstance(sample, dict)]
+    if not_objects:
+        first = not_objects[0]
+        return (
+            f"{len(not_objects)} sample(s) are not JSON objects, the first is sample {first} "
+            f"(a {type(samples[first]).__name__})"
+        )
+    return None
+
+
+def _json_lines(text: str) -> list[Any] | None:
+    """The samples of a JSON-lines text, or ``None`` if a line is not JSON."""
+    try:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError:
+        return None
 
 
 def check_ranking_datasets(data_args: "DataArguments") -> None:
@@ -127,15 +285,32 @@ def check_image_template(template: Any, template_name: Optional[str]) -> None:
         )
 
 
-def check_pairs(model_args: "ModelArguments", data_args: "DataArguments", training_args: Any) -> None:
-    """Refuse bad samples (named) and image-free training data; image-less pairs train as DPO pairs (weight 1)."""
+def check_pairs(
+    template: Any,
+    tokenizer_module: dict[str, Any],
+    model_args: "ModelArguments",
+    data_args: "DataArguments",
+    training_args: Any,
+) -> None:
+    """Refuse unreadable dataset files, bad samples (named) and image-free training data; image-less pairs
+    train as DPO pairs (weight 1)."""
+    file_problems = dataset_file_problems(data_args)
+    if file_problems:
+        raise ValueError(f"{len(file_problems)} dataset file(s) cannot be read as samples:{_listed(file_problems)}")
+
+    token_budget = ImageTokenBudget(
+        template, tokenizer_module["tokenizer"], tokenizer_module["processor"], data_args.cutoff_len
+    )
     for split, names in (("training", data_args.dataset), ("evaluation", data_args.eval_dataset)):
         datasets = aligned_datasets(names, model_args, data_args, training_args)
         if any(getattr(dataset, "column_names", None) is None for dataset in datasets.values()):
             logger.warning_rank0(f"The {split} data is streamed, so stage tpo cannot check it before training.")
             continue
 
-        num_pairs, without_image = check_preference_data(datasets, IMAGE_PLACEHOLDER)
+        num_pairs, without_image, identical = check_preference_data(
+            datasets, IMAGE_PLACEHOLDER, data_args.media_dir, token_budget
+        )
+        check_identical_answers(identical, num_pairs, split)
         if split == "training" and num_pairs and without_image == num_pairs:
             raise ValueError(
                 "No training pair has an image, but stage tpo weights tokens by how much they depend on the image; "

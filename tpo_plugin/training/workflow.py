@@ -74,7 +74,7 @@ def run_tpo(
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     check_image_template(template, data_args.template)
     check_template_family(data_args.template)
-    check_pairs(model_args, data_args, training_args)
+    check_pairs(template, tokenizer_module, model_args, data_args, training_args)
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="rm", **tokenizer_module)
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
 
