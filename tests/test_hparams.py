@@ -21,6 +21,7 @@ def test_defaults_follow_the_method():
         "tpo_score": "logit",
         "tpo_detach_reward": False,
         "tpo_allow_changed_settings": False,
+        "tpo_log_tokens": 0,
     }
     assert args.use_ref_model and args.pref_loss == "sigmoid" and args.pref_beta == 0.1
 
@@ -39,6 +40,8 @@ def test_defaults_follow_the_method():
         ("tpo_reward_offset", float("nan"), "`tpo_reward_offset` must be a number >= 0, got nan"),
         ("tpo_detach_reward", "maybe", "`tpo_detach_reward` must be true or false, got 'maybe'"),
         ("tpo_allow_changed_settings", 1, "`tpo_allow_changed_settings` must be true or false, got 1"),
+        ("tpo_log_tokens", -1, "`tpo_log_tokens` must be an integer >= 0 (0: off), got -1"),
+        ("tpo_log_tokens", 1.5, "`tpo_log_tokens` must be an integer >= 0 (0: off), got 1.5"),
     ],
 )
 def test_invalid_values_name_key_value_and_allowed(key, value, message):

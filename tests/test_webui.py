@@ -41,6 +41,7 @@ TPO_UI_VALUES = {
     "tpo_score": "logprob",
     "tpo_detach_reward": True,
     "tpo_allow_changed_settings": True,
+    "tpo_log_tokens": 2,
 }
 PREF_UI_VALUES = {"pref_beta": 0.2, "pref_ftx": 0.5, "pref_loss": "hinge"}
 

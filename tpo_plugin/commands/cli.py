@@ -19,6 +19,7 @@ COMMANDS = {
     "sweep": ("tpo_plugin.commands.sweep", "run a recipe once per value of a key and tabulate the final metrics"),
     "convert": ("tpo_plugin.commands.convert", "convert RLHF-V / RLAIF-V files to LLaMA-Factory's preference format"),
     "eval": ("tpo_plugin.commands.eval", "score POPE / AMBER hallucination benchmarks on a LLaMA-Factory model"),
+    "inspect": ("tpo_plugin.commands.inspect", "per-token visual scores and weights TPO gives a recipe's pairs"),
     "env": ("tpo_plugin.commands.env", "print versions and the plugin's state for a bug report, and known problems"),
 }
 

@@ -72,6 +72,15 @@ class TPOArguments:
         },
     )
 
+    tpo_log_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "Number of fixed training pairs (the first N) whose per-token visual scores s and weights c are "
+            "appended to OUTPUT_DIR/tpo_tokens.jsonl at every logging step, an integer >= 0; 0 turns it off and "
+            "costs nothing. `tpo-plugin inspect --history OUTPUT_DIR` shows how they moved. Default 0."
+        },
+    )
+
     def validate_tpo_arguments(self) -> None:
         """Raise ``ValueError`` naming the key, the value and what is allowed."""
         step = self.tpo_noise_step
@@ -93,6 +102,10 @@ class TPOArguments:
             raise ValueError(
                 f"`tpo_allow_changed_settings` must be true or false, got {self.tpo_allow_changed_settings!r}."
             )
+
+        num_logged = self.tpo_log_tokens
+        if isinstance(num_logged, bool) or not isinstance(num_logged, int) or num_logged < 0:
+            raise ValueError(f"`tpo_log_tokens` must be an integer >= 0 (0: off), got {num_logged!r}.")
 
 
 def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:

@@ -7,7 +7,7 @@ with the same options as ``stage: dpo``.
 
 import os
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Optional
 
 import torch
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
@@ -91,6 +91,18 @@ def logits_from_position(model: "PreTrainedModel", first_position: int, mean_log
         yield first_position
     finally:
         handle.remove()
+
+
+class BatchTokenScores(NamedTuple):
+    """The per-token results of a step's forward passes, rows chosen then rejected (TPO_METHOD §2, §4)."""
+
+    policy_clean: TokenScores
+    policy_corrupted: Optional[TokenScores]  # None when the batch has no image
+    ref_clean: TokenScores
+    ref_corrupted: Optional[TokenScores]
+    has_image: torch.Tensor  # (2n,) bool: the row's pair has an image
+    policy_mean_logits: torch.Tensor  # (2n,) mean logit of each clean policy row (LLaMA-Factory's logits/*)
+    labels: torch.Tensor  # (2n, L)
 
 
 class CustomTPOTrainer(CustomDPOTrainer):
@@ -188,29 +200,24 @@ class CustomTPOTrainer(CustomDPOTrainer):
             )
         return super()._save_checkpoint(model, trial)
 
-    @override
-    def get_batch_loss_metrics(
-        self,
-        model: "PreTrainedModel",
-        batch: dict[str, Any],
-        train_eval: Literal["train", "eval"] = "train",
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        r"""TPO loss (TPO_METHOD §4) and the DPO metrics plus ``tpo/score_*`` and ``tpo/weight_*``."""
-        args = self.finetuning_args
+    def batch_token_scores(self, model: "PreTrainedModel", batch: dict[str, Any], step_key: int) -> BatchTokenScores:
+        """Every forward pass of a TPO step: clean and corrupted, policy and reference (TPO_METHOD §2, §4).
+
+        ``step_key`` keys the corruption noise: the global step while training, ``EVAL_STEP_KEY`` otherwise.
+        The training loss and the per-token view (:mod:`tpo_plugin.training.token_view`) both start here.
+        """
         inputs = nested_detach(dict(batch), clone=True)  # the forward passes must not alter the batch
         pair_images = inputs.pop(PAIR_IMAGES_KEY)
         labels = inputs.pop("labels")
-        num_pairs = labels.size(0) // 2
         has_image = torch.tensor([len(images) > 0 for images in pair_images] * 2, device=labels.device)
 
         self.image_features.clear()  # features of an earlier step's images are not reused
-        step_key = self.state.global_step if train_eval == "train" else EVAL_STEP_KEY
         corrupted_mm_inputs = self.image_corrupter.corrupted_inputs(pair_images, inputs, step_key)
         corrupted_inputs = None
         if corrupted_mm_inputs is not None:
             corrupted_inputs = {**inputs, **self._prepare_inputs(corrupted_mm_inputs)}
 
-        if corrupted_inputs is None or args.tpo_detach_reward:
+        if corrupted_inputs is None or self.finetuning_args.tpo_detach_reward:
             policy_clean, policy_mean_logits = self._token_scores(model, inputs, labels)
             policy_corrupted = None
             if corrupted_inputs is not None:
@@ -229,6 +236,34 @@ class CustomTPOTrainer(CustomDPOTrainer):
                     ref_model, inputs, corrupted_inputs, labels, reference=True
                 )
         self.image_features.clear()  # the step's forwards are done: free the features
+        return BatchTokenScores(
+            policy_clean, policy_corrupted, ref_clean, ref_corrupted, has_image, policy_mean_logits, labels
+        )
+
+    @override
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        # A training logging step (LLaMA-Factory's DPO trainer tells them by "loss") also records the per-token
+        # view of the fixed pairs; with tpo_log_tokens: 0 nothing else happens.
+        if self.finetuning_args.tpo_log_tokens > 0 and "loss" in logs:
+            from .token_view import log_token_view
+
+            log_token_view(self)
+        return super().log(logs, *args, **kwargs)
+
+    @override
+    def get_batch_loss_metrics(
+        self,
+        model: "PreTrainedModel",
+        batch: dict[str, Any],
+        train_eval: Literal["train", "eval"] = "train",
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        r"""TPO loss (TPO_METHOD §4) and the DPO metrics plus ``tpo/score_*`` and ``tpo/weight_*``."""
+        args = self.finetuning_args
+        step_key = self.state.global_step if train_eval == "train" else EVAL_STEP_KEY
+        policy_clean, policy_corrupted, ref_clean, ref_corrupted, has_image, policy_mean_logits, labels = (
+            self.batch_token_scores(model, batch, step_key)
+        )
+        num_pairs = labels.size(0) // 2
 
         result = tpo_batch_loss(
             policy_clean,

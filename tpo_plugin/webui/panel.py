@@ -46,6 +46,7 @@ def create_tpo_tab() -> dict[str, "Component"]:
                 tpo_score=gr.Dropdown(choices=list(SCORE_KINDS), value=defaults["tpo_score"]),
                 tpo_detach_reward=gr.Checkbox(value=defaults["tpo_detach_reward"]),
                 tpo_allow_changed_settings=gr.Checkbox(value=defaults["tpo_allow_changed_settings"]),
+                tpo_log_tokens=gr.Number(minimum=0, step=1, precision=0, value=defaults["tpo_log_tokens"]),
             )
 
     return dict(tpo_tab=tpo_tab, tpo_info=tpo_info, **controls)
@@ -260,6 +261,34 @@ _TEXTS: dict[str, dict[str, tuple[str, ...]]] = {
             "目的関数を決める設定（tpo_* キー、pref_beta、pref_loss、pref_ftx、dpo_label_smoothing、ref_model、"
             "ref_model_adapters、seed）がチェックポイントの学習時と異なっていても再開し、変更をログに記録します。"
             "そうでなければ再開を拒否します。デフォルトは false。",
+        ),
+    },
+    "tpo_log_tokens": {
+        "en": ("Log token weights of N pairs", _english_help("tpo_log_tokens")),
+        "ru": (
+            "Журнал весов токенов N пар",
+            "Число фиксированных обучающих пар (первые N), для которых визуальные оценки s и веса c каждого токена "
+            "дописываются в OUTPUT_DIR/tpo_tokens.jsonl на каждом шаге журналирования, целое число >= 0; 0 "
+            "выключает и ничего не стоит. `tpo-plugin inspect --history OUTPUT_DIR` показывает их изменение. "
+            "По умолчанию 0.",
+        ),
+        "zh": (
+            "记录 N 个样本对的 token 权重",
+            "在每个日志步将固定训练样本对（前 N 个）中每个 token 的视觉分数 s 和权重 c 追加写入 "
+            "OUTPUT_DIR/tpo_tokens.jsonl，取值 >= 0 的整数；0 表示关闭且没有开销。"
+            "`tpo-plugin inspect --history OUTPUT_DIR` 展示它们的变化。默认 0。",
+        ),
+        "ko": (
+            "N개 쌍의 토큰 가중치 기록",
+            "로깅 단계마다 고정된 학습 쌍(처음 N개)의 토큰별 시각 점수 s와 가중치 c를 OUTPUT_DIR/tpo_tokens.jsonl에 "
+            "추가합니다. 0 이상의 정수이며 0은 끄기(비용 없음)입니다. `tpo-plugin inspect --history OUTPUT_DIR`로 "
+            "변화를 볼 수 있습니다. 기본값 0.",
+        ),
+        "ja": (
+            "N 組のトークン重みを記録",
+            "ログ出力ステップごとに、固定した学習ペア（最初の N 組）のトークンごとの視覚スコア s と重み c を "
+            "OUTPUT_DIR/tpo_tokens.jsonl に追記します（0 以上の整数、0 はオフでコストなし）。"
+            "`tpo-plugin inspect --history OUTPUT_DIR` で推移を表示します。デフォルトは 0。",
         ),
     },
 }

@@ -1,0 +1,162 @@
+"""``tpo-plugin inspect`` and ``tpo_log_tokens``: per-token visual scores and weights, checked independently.
+
+The independent side encodes the pair with LLaMA-Factory's own pairwise collator and runs a plain
+transformers model from the same directory on the clean and on the corrupted image (``corrupt_image`` with
+the evaluation step key, or a white image), then takes raw target-token logits (TPO_METHOD §2, §3).
+"""
+
+import html
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText
+
+from tpo_plugin.commands.cli import main as tpo_plugin_main
+from tpo_plugin.method.noise import corrupt_image
+from tpo_plugin.training.corruption import EVAL_STEP_KEY
+
+from conftest import OFFLINE_ENV, run_cli, train_config, train_logs, write_yaml
+
+
+pytestmark = pytest.mark.e2e
+
+
+def run_inspect(args: list[str], cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, **OFFLINE_ENV}
+    result = subprocess.run(
+        [sys.executable, "-m", "tpo_plugin", "inspect", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def independent_token_scores(config: dict) -> dict[str, torch.Tensor]:
+    """Per side of the dataset's only pair: ``z(token | clean) - z(token | corrupted)`` of each answer token."""
+    from llamafactory.data import PairwiseDataCollatorWithPadding, get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_tokenizer
+
+    model_args, data_args, training_args, _, _ = get_train_args({**config, "output_dir": config["output_dir"] + "-x"})
+    tokenizer_module = load_tokenizer(model_args)
+    template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+    (pair,) = get_dataset(template, model_args, data_args, training_args, stage="rm", **tokenizer_module)[
+        "train_dataset"
+    ]
+    model = AutoModelForImageTextToText.from_pretrained(config["model_name_or_path"]).eval()
+    collator = PairwiseDataCollatorWithPadding(
+        template=template, model=model, label_pad_token_id=-100, **tokenizer_module
+    )
+    clean = Image.open(pair["images"][0]).convert("RGB")
+    corrupted = corrupt_image(clean, config["tpo_corruption"], 500, config["seed"], EVAL_STEP_KEY)
+    logits_by_image = []
+    for image in (clean, corrupted):
+        batch = collator([{**pair, "images": [image]}])
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            logits = model(**batch).logits
+        sides = []
+        for row in (0, 1):  # chosen, rejected
+            positions = (labels[row, 1:] != -100).nonzero().squeeze(-1)
+            sides.append(logits[row, positions, labels[row, 1:][positions]])
+        logits_by_image.append(sides)
+    return {side: logits_by_image[0][row] - logits_by_image[1][row] for row, side in enumerate(("chosen", "rejected"))}
+
+
+@pytest.mark.parametrize("family, corruption", [("qwen2_vl", "diffusion"), ("llava", "blank")])
+def test_inspect_scores_weights_and_report(family, corruption, model_dirs, dataset_dir, tmp_path):
+    config = train_config(
+        model_dirs[family], family, dataset_dir, tmp_path / "run", dataset="one_pair", tpo_corruption=corruption
+    )
+    recipe = write_yaml(tmp_path / "tpo.yaml", config)
+    out = tmp_path / "inspect"
+    result = run_inspect([str(recipe), "--output-dir", str(out), "--num-pairs", "5"], cwd=tmp_path)
+
+    (record,) = [json.loads(line) for line in (out / "tokens.jsonl").read_text().splitlines()]  # 5 > 1 pair: all
+    assert record["pair"] == 0 and record["image"][0].endswith("img/0.png")
+    expected = independent_token_scores(config)
+    for side, sign in (("chosen", 1), ("rejected", -1)):
+        data = record[side]
+        assert len(data["tokens"]) == len(data["visual_score"]) == len(data["weight"]) == len(data["logp"])
+        assert data["visual_score"] == pytest.approx(expected[side].tolist(), abs=1e-3)
+        assert max(abs(s) for s in data["visual_score"]) > 1e-3  # the corruption changes logits: the check has teeth
+        assert data["weight"] == pytest.approx([0.5 + 1 / (1 + math.exp(-sign * s)) for s in data["visual_score"]])
+        # a fresh LoRA adapter is zero: the reference (the adapter-disabled model) scores exactly like the policy
+        assert data["reference"]["visual_score"] == pytest.approx(data["visual_score"], abs=1e-5)
+    assert "".join(record["chosen"]["tokens"]).startswith("A ")
+    assert "adapter disabled" in result.stdout
+
+    page = (out / "report.html").read_text()
+    assert "http://" not in page and "https://" not in page and "data:image/png;base64," in page
+    for token in record["chosen"]["tokens"] + record["rejected"]["tokens"]:
+        assert f">{html.escape(token)}</span>" in page
+
+
+def test_logged_tokens_equal_the_steps_metrics_inspect_and_history(model_dirs, dataset_dir, tmp_path):
+    # learning_rate 0: the weights never change, so the passes after each step see the model the step saw.
+    output_dir = tmp_path / "run"
+    config = train_config(
+        model_dirs["qwen2_vl"], "qwen2_vl", dataset_dir, output_dir, dataset="one_pair", tpo_corruption="blank",
+        per_device_train_batch_size=1, learning_rate=0.0, tpo_log_tokens=3,
+    )  # fmt: skip
+    recipe = write_yaml(tmp_path / "tpo.yaml", config)
+    run_cli(["train", str(recipe)], cwd=tmp_path)
+    logs = train_logs(output_dir)
+    records = [json.loads(line) for line in (output_dir / "tpo_tokens.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["pair"], r["side"]) for r in records] == [
+        (1, 0, "chosen"), (1, 0, "rejected"), (2, 0, "chosen"), (2, 0, "rejected"),
+    ]  # fmt: skip
+    for record in records:
+        log = logs[record["step"] - 1]
+        assert sum(record["visual_score"]) / len(record["tokens"]) == pytest.approx(
+            log[f"tpo/score_{record['side']}"], rel=1e-4, abs=1e-6
+        )
+        assert sum(record["weight"]) / len(record["tokens"]) == pytest.approx(log[f"tpo/weight_{record['side']}"])
+
+    out = tmp_path / "inspect"
+    run_inspect([str(recipe), "--output-dir", str(out)], cwd=tmp_path)
+    (inspected,) = [json.loads(line) for line in (out / "tokens.jsonl").read_text().splitlines()]
+    assert inspected["chosen"]["visual_score"] == pytest.approx(records[0]["visual_score"], abs=1e-5)
+    assert inspected["rejected"]["weight"] == pytest.approx(records[1]["weight"], abs=1e-5)
+
+    assert tpo_plugin_main(["inspect", "--history", str(output_dir)]) == 0
+    history = (output_dir / "history.html").read_text()
+    assert "http://" not in history and history.count("<tr><td>2</td>") == 2  # step 2, chosen and rejected
+
+
+def test_tpo_log_tokens_off_writes_nothing(model_dirs, dataset_dir, tmp_path):
+    output_dir = tmp_path / "run"
+    config = train_config(
+        model_dirs["llava"], "llava", dataset_dir, output_dir, dataset="one_pair", per_device_train_batch_size=1,
+        max_steps=1,
+    )  # fmt: skip
+    run_cli(["train", str(write_yaml(tmp_path / "tpo.yaml", config))], cwd=tmp_path)
+    assert train_logs(output_dir) and not (output_dir / "tpo_tokens.jsonl").exists()
+
+
+def test_bad_input_is_refused_before_loading(dataset_dir, model_dirs, tmp_path, capsys):
+    config = train_config(model_dirs["llava"], "llava", dataset_dir, tmp_path / "run")
+    recipe = write_yaml(tmp_path / "tpo.yaml", config)
+    dpo = write_yaml(tmp_path / "dpo.yaml", {**config, "stage": "dpo"})
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "report.html").write_text("previous")
+    cases = [
+        ([str(tmp_path / "missing.yaml")], "does not exist"),
+        ([str(dpo)], "has `stage: dpo`; tpo-plugin inspect needs a `stage: tpo` recipe"),
+        ([str(recipe), "--num-pairs", "0"], "--num-pairs must be at least 1, got 0"),
+        ([str(recipe), "--split", "eval"], "--split eval, but"),
+        ([str(recipe), "tpo_noise_step=1000"], "`tpo_noise_step` must be an integer in 0..999, got 1000"),
+        ([str(recipe), "template=qwen"], "has no multimodal plugin for images"),
+        ([str(recipe), "--history", str(tmp_path)], "tpo_tokens.jsonl does not exist"),
+    ]
+    for args, message in cases:
+        assert tpo_plugin_main(["inspect", *args, "--output-dir", str(tmp_path / "out")]) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert tpo_plugin_main(["inspect", str(recipe), "--output-dir", str(tmp_path / "old")]) == 2
+    assert "already holds report.html; pass --overwrite" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,181 @@
+"""``tpo-plugin inspect``: what TPO weights, per token, on your model and data.
+
+    tpo-plugin inspect my_tpo.yaml [key=value ...] --output-dir OUT [--num-pairs 16] [--split train|eval]
+    tpo-plugin inspect --history OUTPUT_DIR [--output-dir OUT]
+
+The recipe is parsed, checked and loaded as ``stage: tpo`` loads it (LLaMA-Factory's parser, TPO's data
+checks, ``get_dataset``, ``load_model`` as for training, ``create_ref_model``), and the first N pairs go
+through the trainer's own passes with the noise of an evaluation step (:mod:`tpo_plugin.training.token_view`).
+Writes ``OUT/tokens.jsonl`` and ``OUT/report.html`` and prints the first pairs; ``--history`` renders the
+``tpo_tokens.jsonl`` that ``tpo_log_tokens`` wrote during training into ``OUT/history.html``.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+TOKENS_FILE = "tokens.jsonl"
+REPORT_FILE = "report.html"
+HISTORY_FILE = "history.html"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", nargs="?", type=Path, help="a stage: tpo training YAML")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, as llamafactory-cli takes")
+    parser.add_argument("--output-dir", type=Path, help="where tokens.jsonl and report.html go (history: same dir)")
+    parser.add_argument("--num-pairs", type=int, default=16, help="inspect the first N pairs (default 16)")
+    parser.add_argument("--split", choices=("train", "eval"), default="train", help="which data (default train)")
+    parser.add_argument("--history", type=Path, metavar="OUTPUT_DIR", help="render OUTPUT_DIR/tpo_tokens.jsonl")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous report in the output dir")
+
+
+class InspectError(ValueError):
+    """Bad input, reported before anything expensive runs."""
+
+
+def recipe_config(recipe: Path, overrides: list[str], output_dir: Path, split: str) -> dict[str, Any]:
+    """The recipe with its overrides merged as LLaMA-Factory's ``read_args`` merges them, checked for inspect."""
+    from omegaconf import OmegaConf
+
+    if not recipe.is_file():
+        raise InspectError(f"Recipe {recipe} does not exist.")
+    bad = [item for item in overrides if "=" not in item]
+    if bad:
+        raise InspectError(f"Overrides must be KEY=VALUE, got {', '.join(bad)}.")
+    config = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(recipe.absolute()), OmegaConf.from_cli(overrides)))
+    if config.get("stage") != "tpo":
+        stage = config.get("stage")
+        raise InspectError(f"{recipe} has `stage: {stage}`; tpo-plugin inspect needs a `stage: tpo` recipe.")
+    if split == "eval" and not (config.get("eval_dataset") or float(config.get("val_size") or 0) > 0):
+        raise InspectError(f"--split eval, but {recipe} has no evaluation data (set `eval_dataset` or `val_size`).")
+    # Loaded as for training (reference model, adapter kept separate), but nothing is trained or written there.
+    config.pop("resume_from_checkpoint", None)
+    config.update(
+        do_train=True, output_dir=str(output_dir), overwrite_output_dir=True, report_to="none", tpo_log_tokens=0
+    )
+    return config
+
+
+def check_output_dir(output_dir: Path, names: tuple[str, ...], overwrite: bool) -> None:
+    existing = [name for name in names if (output_dir / name).exists()]
+    if existing and not overwrite:
+        raise InspectError(f"{output_dir} already holds {', '.join(existing)}; pass --overwrite to replace it.")
+
+
+def inspect_pairs(config: dict[str, Any], num_pairs: int, split: str) -> tuple[list[dict], list[dict], str]:
+    """(token views, the inspected dataset rows, the reference model in words), loaded as ``run_tpo`` loads."""
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.extras.constants import IGNORE_INDEX
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_model, load_tokenizer
+    from llamafactory.train.trainer_utils import create_ref_model
+
+    from ..training.collator import TPODataCollatorWithPadding
+    from ..training.corruption import ImageCorrupter
+    from ..training.data_checks import check_image_template, check_pairs, check_ranking_datasets
+    from ..training.token_view import pair_token_views, reference_description
+    from ..training.trainer import CustomTPOTrainer
+
+    model_args, data_args, training_args, finetuning_args, _ = get_train_args(config)
+    check_ranking_datasets(data_args)
+    tokenizer_module = load_tokenizer(model_args)
+    tokenizer = tokenizer_module["tokenizer"]
+    template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    check_image_template(template, data_args.template)
+    check_pairs(template, tokenizer_module, model_args, data_args, training_args)
+    dataset_module = get_dataset(template, model_args, data_args, training_args, stage="rm", **tokenizer_module)
+    dataset = dataset_module.get("train_dataset" if split == "train" else "eval_dataset")
+    if isinstance(dataset, dict):  # eval_on_each_dataset: the datasets one after another
+        dataset = [row for part in dataset.values() for row in part]
+    if dataset is None or len(dataset) == 0:
+        raise InspectError(f"The recipe's {split} split holds no pairs.")
+    rows = [dataset[index] for index in range(min(num_pairs, len(dataset)))]
+
+    model = load_model(tokenizer, model_args, finetuning_args, is_trainable=True)
+    image_corrupter = ImageCorrupter(
+        template=template,
+        processor=tokenizer_module["processor"],
+        corruption=finetuning_args.tpo_corruption,
+        noise_step=finetuning_args.tpo_noise_step,
+        seed=training_args.seed,
+    )
+    data_collator = TPODataCollatorWithPadding(
+        template=template,
+        model=model,
+        pad_to_multiple_of=8,
+        label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
+        image_corrupter=image_corrupter,
+        **tokenizer_module,
+    )
+    trainer = CustomTPOTrainer(
+        image_corrupter=image_corrupter,
+        model=model,
+        ref_model=create_ref_model(model_args, finetuning_args),
+        args=training_args,
+        finetuning_args=finetuning_args,
+        data_collator=data_collator,
+        **dataset_module,
+        **tokenizer_module,
+    )
+    views = pair_token_views(trainer, rows, tokenizer)
+    for index, (view, row) in enumerate(zip(views, rows, strict=True)):
+        prompt_ids = [t for t, label in zip(row["chosen_input_ids"], row["chosen_labels"], strict=True) if label < 0]
+        view.update(pair=index, image=list(row.get("images") or []))
+        view["question"] = tokenizer.decode(prompt_ids, skip_special_tokens=True).strip()
+    return views, rows, reference_description(trainer)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.history is not None:
+            return run_history(args)
+        if args.recipe is None or args.output_dir is None:
+            raise InspectError("Give a recipe and --output-dir (or --history OUTPUT_DIR).")
+        if args.num_pairs < 1:
+            raise InspectError(f"--num-pairs must be at least 1, got {args.num_pairs}.")
+        check_output_dir(args.output_dir, (TOKENS_FILE, REPORT_FILE), args.overwrite)
+        config = recipe_config(args.recipe, args.overrides, args.output_dir.resolve(), args.split)
+        views, _, reference = inspect_pairs(config, args.num_pairs, args.split)
+    except (InspectError, ValueError) as error:
+        print(f"tpo-plugin inspect: {error}", file=sys.stderr)
+        return 2
+
+    from ..training.token_report import image_data_uri, report_html, terminal_view
+
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    with open(args.output_dir / TOKENS_FILE, "w", encoding="utf-8") as file:
+        for view in views:
+            record = {"pair": view["pair"], "image": view["image"], "question": view["question"]}
+            file.write(json.dumps({**record, "chosen": view["chosen"], "rejected": view["rejected"]}) + "\n")
+    notes = [
+        f"Recipe {args.recipe} {' '.join(args.overrides)}, {args.split} split, first {len(views)} pairs; corruption "
+        f"{config.get('tpo_corruption', 'diffusion')}, noise of an evaluation step. Reference model: {reference}.",
+    ]
+    images = {view["pair"]: [image_data_uri(path) for path in view["image"]] for view in views}
+    page = report_html(views, "What TPO weights", notes, images)
+    (args.output_dir / REPORT_FILE).write_text(page, encoding="utf-8")
+    colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    print(terminal_view(views, colour))
+    print(f"Reference model: {reference}.\nWrote {args.output_dir / TOKENS_FILE} and {args.output_dir / REPORT_FILE}.")
+    return 0
+
+
+def run_history(args: argparse.Namespace) -> int:
+    from ..training.token_report import history_html
+    from ..training.token_view import TOKENS_LOG_FILE
+
+    source = args.history / TOKENS_LOG_FILE
+    if not source.is_file():
+        raise InspectError(f"{source} does not exist; train with `tpo_log_tokens: N` (N >= 1) to write it.")
+    output_dir = args.output_dir or args.history
+    check_output_dir(output_dir, (HISTORY_FILE,), args.overwrite)
+    records = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / HISTORY_FILE).write_text(history_html(records, f"TPO weights over training: {args.history}"))
+    steps = sorted({record["step"] for record in records})
+    print(f"Wrote {output_dir / HISTORY_FILE}: {len(steps)} logged steps ({steps[0]}..{steps[-1]}).")
+    return 0

@@ -1,0 +1,122 @@
+"""The per-token visual scores, weights and log-probabilities of pairs, computed with the trainer's own passes.
+
+:meth:`CustomTPOTrainer.batch_token_scores` runs exactly the forwards of a TPO step (same corruption, noise
+keyed as an evaluation step, same batching) and :func:`token_visual_scores_and_log_weights` turns them into
+``s`` and ``log c`` (TPO_METHOD §2, §3), for the policy and for the reference model. ``tpo-plugin inspect`` and
+``tpo_log_tokens`` both read them from here, so what they show is what the loss uses.
+"""
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..method.objective import IGNORE_INDEX, TokenScores, token_visual_scores_and_log_weights
+from .corruption import EVAL_STEP_KEY
+
+
+if TYPE_CHECKING:
+    from .trainer import CustomTPOTrainer
+
+
+TOKENS_LOG_FILE = "tpo_tokens.jsonl"  # what tpo_log_tokens appends to, in output_dir
+SIDES = ("chosen", "rejected")
+LOGGED = ("tokens", "visual_score", "weight")  # per side and step in tpo_tokens.jsonl
+
+
+def reference_description(trainer: "CustomTPOTrainer") -> str:
+    """Which model is the reference, in words (the trainer's ``_reference_context`` picks it the same way)."""
+    ref_model = trainer.finetuning_args.ref_model
+    if trainer.ref_model is None:
+        return "the policy with its adapter disabled (LoRA without ref_model)"
+    if ref_model is not None:
+        return f"ref_model {ref_model}"
+    if trainer.ref_model is trainer.model:
+        return "the same model as the policy"
+    return "a frozen copy of model_name_or_path (the policy's initial weights)"
+
+
+def _side_values(scores: TokenScores, score: torch.Tensor, log_weight: torch.Tensor, row: int) -> dict[str, list]:
+    mask = scores.mask[row]
+    return {
+        "visual_score": score[row][mask].tolist(),
+        "weight": log_weight[row][mask].exp().tolist(),
+        "logp": scores.logp[row][mask].tolist(),
+    }
+
+
+@torch.no_grad()
+def batch_token_views(trainer: "CustomTPOTrainer", batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per pair of a collated batch: each side's response token ids and the policy's and reference's s, c, log p.
+
+    The model is put in eval mode (as an evaluation step runs it) and restored afterwards.
+    """
+    args = trainer.finetuning_args
+    weighting = {"score_kind": args.tpo_score, "reward_on": args.tpo_reward_on, "offset": args.tpo_reward_offset}
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    try:
+        scores = trainer.batch_token_scores(model, trainer._prepare_inputs(batch), EVAL_STEP_KEY)
+    finally:
+        model.train(was_training)
+
+    policy = token_visual_scores_and_log_weights(
+        scores.policy_clean, scores.policy_corrupted, scores.has_image, **weighting
+    )
+    reference = token_visual_scores_and_log_weights(
+        scores.ref_clean, scores.ref_corrupted, scores.has_image, **weighting
+    )
+    num_pairs = scores.labels.size(0) // 2
+    views = []
+    for pair in range(num_pairs):
+        view = {}
+        for offset, side in enumerate(SIDES):
+            row = pair + offset * num_pairs
+            labels = scores.labels[row]
+            view[side] = {
+                "token_ids": labels[labels != IGNORE_INDEX].tolist(),  # response tokens in order, as the mask has them
+                **_side_values(scores.policy_clean, *policy, row),
+                "reference": _side_values(scores.ref_clean, *reference, row),
+            }
+        views.append(view)
+    return views
+
+
+def pair_token_views(trainer: "CustomTPOTrainer", rows: list[dict[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
+    """Token views of dataset rows (LLaMA-Factory's encoded pairs), collated by the trainer's own collator.
+
+    Pairs go through the passes ``per_device_eval_batch_size`` at a time, as an evaluation would batch them.
+    Each side gets ``tokens``: every response token decoded on its own.
+    """
+    batch_size = max(1, trainer.args.per_device_eval_batch_size)
+    views = []
+    for start in range(0, len(rows), batch_size):
+        features = [dict(row) for row in rows[start : start + batch_size]]  # the collator alters its features
+        views += batch_token_views(trainer, trainer.data_collator(features))
+    for view in views:
+        for side in SIDES:
+            ids = view[side].pop("token_ids")
+            view[side] = {"tokens": [tokenizer.decode([token]) for token in ids], **view[side]}
+    return views
+
+
+def log_token_view(trainer: "CustomTPOTrainer") -> None:
+    """Append the per-token s and c of the first ``tpo_log_tokens`` training pairs to ``tpo_tokens.jsonl``.
+
+    Every rank runs the passes (under ZeRO-3 or FSDP all ranks must run the same modules); rank 0 writes.
+    """
+    dataset = trainer.train_dataset
+    rows = [dataset[index] for index in range(min(trainer.finetuning_args.tpo_log_tokens, len(dataset)))]
+    views = pair_token_views(trainer, rows, trainer.processing_class)
+    if not trainer.is_world_process_zero():
+        return
+
+    step = trainer.state.global_step
+    os.makedirs(trainer.args.output_dir, exist_ok=True)
+    with open(os.path.join(trainer.args.output_dir, TOKENS_LOG_FILE), "a", encoding="utf-8") as file:
+        for pair, view in enumerate(views):
+            for side in SIDES:
+                record = {"step": step, "pair": pair, "side": side, **{key: view[side][key] for key in LOGGED}}
+                file.write(json.dumps(record) + "\n")
