@@ -419,6 +419,8 @@ def test_tpo_trains_from_the_web_ui(page, model_dirs, tmp_path):
     set_number(page, "Weight offset", TPO_UI_VALUES["tpo_reward_offset"])
     choose(page, "Visual score", TPO_UI_VALUES["tpo_score"])
     page.get_by_role("checkbox", name=re.compile("^Detach reward")).check()
+    page.get_by_role("checkbox", name=re.compile("^Allow changed settings on resume")).check()
+    set_number(page, "Log token weights of N pairs", TPO_UI_VALUES["tpo_log_tokens"])
     open_panel(page, "RLHF configurations")
     set_number(page, "Beta value", PREF_UI_VALUES["pref_beta"])
 
