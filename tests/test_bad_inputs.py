@@ -37,12 +37,34 @@ def expected_grey(unit):
     return np.stack([grey] * 3, axis=-1)
 
 
+def grey_palette_image(unit):
+    image = Image.frombytes("P", unit.shape[::-1], np.round(unit * 255).astype(np.uint8).tobytes())
+    image.putpalette([level for index in range(256) for level in (index, index, index)])
+    return image
+
+
+def converted_from_grey(mode):
+    """An 8-bit grey image converted by PIL to ``mode``: lossless for grey, so it shows the same grey."""
+    return lambda u: Image.fromarray(expected_grey(u)).convert(mode)
+
+
+def raw_16_bit(mode, dtype):
+    return lambda u: Image.frombytes(mode, u.shape[::-1], (u * 65535).round().astype(dtype).tobytes())
+
+
 MODES = {  # mode: (image built from known values, the 8-bit RGB it shows, computed from those values)
     "I;16": (lambda u: Image.fromarray((u * 65535).round().astype(np.uint16)), expected_grey),
     "I;16B": (lambda u: Image.fromarray((u * 65535).round().astype(">u2"), "I;16B"), expected_grey),
     "I": (lambda u: Image.fromarray((u * 65535).round().astype(np.int32)), expected_grey),
     "F": (lambda u: Image.fromarray(u.astype(np.float32)), expected_grey),
+    "I;16L": (raw_16_bit("I;16L", "<u2"), expected_grey),
+    "I;16N": (raw_16_bit("I;16N", "=u2"), expected_grey),
     "L": (lambda u: Image.fromarray((u * 255).round().astype(np.uint8)), expected_grey),
+    "1": (lambda u: Image.fromarray(u > 0.5), lambda u: expected_grey((u > 0.5).astype(float))),
+    "P": (grey_palette_image, expected_grey),
+    "CMYK": (converted_from_grey("CMYK"), expected_grey),
+    "YCbCr": (converted_from_grey("YCbCr"), expected_grey),
+    "HSV": (converted_from_grey("HSV"), expected_grey),
     "LA": (
         lambda u: Image.fromarray(np.stack([np.zeros_like(u), u * 255], -1).round().astype(np.uint8), "LA"),
         lambda u: expected_grey(1 - np.round(u * 255) / 255),  # black at opacity u over white
