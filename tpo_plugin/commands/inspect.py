@@ -69,16 +69,14 @@ def check_output_dir(output_dir: Path, names: tuple[str, ...], overwrite: bool) 
 def inspect_pairs(config: dict[str, Any], num_pairs: int, split: str) -> tuple[list[dict], list[dict], str]:
     """(token views, the inspected dataset rows, the reference model in words), loaded as ``run_tpo`` loads."""
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
-    from llamafactory.extras.constants import IGNORE_INDEX
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_model, load_tokenizer
     from llamafactory.train.trainer_utils import create_ref_model
 
-    from ..training.collator import TPODataCollatorWithPadding
-    from ..training.corruption import ImageCorrupter
     from ..training.data_checks import check_image_template, check_pairs, check_ranking_datasets
     from ..training.token_view import pair_token_views, reference_description
     from ..training.trainer import CustomTPOTrainer
+    from ..training.workflow import corrupter_and_collator
 
     model_args, data_args, training_args, finetuning_args, _ = get_train_args(config)
     check_ranking_datasets(data_args)
@@ -96,20 +94,8 @@ def inspect_pairs(config: dict[str, Any], num_pairs: int, split: str) -> tuple[l
     rows = [dataset[index] for index in range(min(num_pairs, len(dataset)))]
 
     model = load_model(tokenizer, model_args, finetuning_args, is_trainable=True)
-    image_corrupter = ImageCorrupter(
-        template=template,
-        processor=tokenizer_module["processor"],
-        corruption=finetuning_args.tpo_corruption,
-        noise_step=finetuning_args.tpo_noise_step,
-        seed=training_args.seed,
-    )
-    data_collator = TPODataCollatorWithPadding(
-        template=template,
-        model=model,
-        pad_to_multiple_of=8,
-        label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
-        image_corrupter=image_corrupter,
-        **tokenizer_module,
+    image_corrupter, data_collator = corrupter_and_collator(
+        template, model, tokenizer_module, data_args, finetuning_args, training_args.seed
     )
     trainer = CustomTPOTrainer(
         image_corrupter=image_corrupter,

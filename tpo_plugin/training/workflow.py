@@ -7,7 +7,7 @@ passes and the token weights.
 
 import os
 import signal
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
 from llamafactory.extras import logging
@@ -78,20 +78,8 @@ def run_tpo(
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="rm", **tokenizer_module)
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
 
-    image_corrupter = ImageCorrupter(
-        template=template,
-        processor=tokenizer_module["processor"],
-        corruption=finetuning_args.tpo_corruption,
-        noise_step=finetuning_args.tpo_noise_step,
-        seed=training_args.seed,
-    )
-    data_collator = TPODataCollatorWithPadding(
-        template=template,
-        model=model,
-        pad_to_multiple_of=8,
-        label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
-        image_corrupter=image_corrupter,
-        **tokenizer_module,
+    image_corrupter, data_collator = corrupter_and_collator(
+        template, model, tokenizer_module, data_args, finetuning_args, training_args.seed
     )
 
     # Create reference model: the adapter-disabled policy for LoRA, else a frozen copy (or `ref_model`)
@@ -162,3 +150,31 @@ def run_tpo(
 
     # Create model card
     create_modelcard_and_push(trainer, model_args, data_args, training_args, finetuning_args)
+
+
+def corrupter_and_collator(
+    template: Any,
+    model: Any,
+    tokenizer_module: dict[str, Any],
+    data_args: "DataArguments",
+    finetuning_args: "TPOFinetuningArguments",
+    seed: int,
+) -> tuple[ImageCorrupter, TPODataCollatorWithPadding]:
+    """The run's image corrupter and the collator that hands it each pair's images (also used by ``inspect``)."""
+    image_corrupter = ImageCorrupter(
+        template=template,
+        processor=tokenizer_module["processor"],
+        corruption=finetuning_args.tpo_corruption,
+        noise_step=finetuning_args.tpo_noise_step,
+        seed=seed,
+    )
+    tokenizer = tokenizer_module["tokenizer"]
+    data_collator = TPODataCollatorWithPadding(
+        template=template,
+        model=model,
+        pad_to_multiple_of=8,
+        label_pad_token_id=IGNORE_INDEX if data_args.ignore_pad_token_for_loss else tokenizer.pad_token_id,
+        image_corrupter=image_corrupter,
+        **tokenizer_module,
+    )
+    return image_corrupter, data_collator
