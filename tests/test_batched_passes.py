@@ -2,6 +2,8 @@
 equal two forwards, corrupted inputs built once per pair equal those built for every row, and image features
 encoded once per step equal (with their gradients) those encoded for every row and forward."""
 
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
@@ -20,7 +22,7 @@ from tpo_plugin.training.image_features import (
 )
 from tpo_plugin.training.trainer import concat_rows, logits_from_position
 
-from conftest import log_history, train_config
+from conftest import log_history, train_config, train_logs
 
 
 def pairwise_batch(family, model_dirs, dataset_dir, tmp_path):
@@ -434,3 +436,38 @@ def test_training_encodes_each_image_once_and_equals_the_reference_structure(
             "tpo/weight_rejected",
         ):
             assert fast[key] == pytest.approx(straightforward[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("overrides", "expected_passes"),
+    [
+        # the paper's objective: policy clean + corrupted rows in one forward with a graph, the reference likewise
+        ({}, [("policy", 8, True), ("reference", 8, False)]),
+        # c^theta detached: the corrupted policy pass needs no graph; c^ref still needs the corrupted reference pass
+        ({"tpo_detach_reward": True}, [("policy", 4, True), ("policy", 4, False), ("reference", 8, False)]),
+        # c^theta detached and applied to the reference too: the reference runs on the clean rows only
+        ({"tpo_weighting": "multiplicative"}, [("policy", 4, True), ("policy", 4, False), ("reference", 4, False)]),
+    ],
+)
+def test_each_weighting_runs_only_the_passes_its_objective_needs(
+    overrides, expected_passes, model_dirs, dataset_dir, tmp_path, monkeypatch
+):
+    from llamafactory.train.tuner import run_exp
+
+    recorded = []
+    token_scores = tpo_plugin.training.trainer.CustomTPOTrainer._token_scores
+
+    def recording_token_scores(self, model, inputs, labels, passes=1, reference=False):
+        recorded.append(("reference" if reference else "policy", labels.size(0), torch.is_grad_enabled()))
+        return token_scores(self, model, inputs, labels, passes, reference)
+
+    monkeypatch.setattr(tpo_plugin.training.trainer.CustomTPOTrainer, "_token_scores", recording_token_scores)
+    output_dir = tmp_path / "out"
+    run_exp(args=train_config(model_dirs["qwen2_vl"], "qwen2_vl", dataset_dir, output_dir, **overrides))
+
+    assert recorded == expected_passes * 2  # two steps of 2 pairs (4 rows), every pair with an image
+    steps = train_logs(output_dir)
+    # LoRA starts as the reference (B = 0): every log-ratio is 0 at the first step, whatever the weights
+    assert steps[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert all(math.isfinite(value) for entry in steps for value in entry.values())

@@ -20,6 +20,7 @@ def test_defaults_follow_the_method():
         "tpo_reward_on": "both",
         "tpo_score": "logit",
         "tpo_detach_reward": False,
+        "tpo_weighting": "log_additive",
         "tpo_allow_changed_settings": False,
         "tpo_log_tokens": 0,
     }
@@ -39,6 +40,7 @@ def test_defaults_follow_the_method():
         ("tpo_reward_offset", -0.1, "`tpo_reward_offset` must be a number >= 0, got -0.1"),
         ("tpo_reward_offset", float("nan"), "`tpo_reward_offset` must be a number >= 0, got nan"),
         ("tpo_detach_reward", "maybe", "`tpo_detach_reward` must be true or false, got 'maybe'"),
+        ("tpo_weighting", "additive", "`tpo_weighting` must be one of log_additive, multiplicative; got 'additive'"),
         ("tpo_allow_changed_settings", 1, "`tpo_allow_changed_settings` must be true or false, got 1"),
         ("tpo_log_tokens", -1, "`tpo_log_tokens` must be an integer >= 0 (0: off), got -1"),
         ("tpo_log_tokens", 1.5, "`tpo_log_tokens` must be an integer >= 0 (0: off), got 1.5"),

@@ -178,6 +178,78 @@ def test_tpo_batch_loss_against_hand_computation(loss_type, score_kind, reward_o
     assert result.token_weight[1, 2].item() == 1.0  # padding position
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("reward_on", ["both", "chosen"])
+def test_multiplicative_weighting_against_hand_computation(loss_type, reward_on):
+    # sum_i c_i * (log p_theta - log p_ref), c from the policy's own clean/corrupted logits; the reference's
+    # corrupted pass is not used (passing None must not matter)
+    beta, offset = 0.1, 0.5
+    result = tpo_batch_loss(
+        token_scores(POLICY_CLEAN_LOGIT, POLICY_CLEAN_LOGP),
+        token_scores(POLICY_CORRUPT_LOGIT, POLICY_CORRUPT_LOGP),
+        token_scores(REF_CLEAN_LOGIT, REF_CLEAN_LOGP),
+        None,
+        torch.tensor([True, True]),
+        loss_type=loss_type,
+        beta=beta,
+        reward_on=reward_on,
+        weighting="multiplicative",
+    )
+    logratio = []
+    for row in (0, 1):
+        weighted = reward_on == "both" or row == 0
+        total, count = 0.0, 0
+        for i, in_response in enumerate(MASK[row]):
+            if not in_response:
+                continue
+            score = POLICY_CLEAN_LOGIT[row][i] - POLICY_CORRUPT_LOGIT[row][i]
+            weight = offset + (sigmoid(score) if row == 0 else 1.0 - sigmoid(score)) if weighted else 1.0
+            total += weight * (POLICY_CLEAN_LOGP[row][i] - REF_CLEAN_LOGP[row][i])
+            count += 1
+        logratio.append(total / count if loss_type == "ipo" else total)
+
+    margin = beta * (logratio[0] - logratio[1])
+    expected = -log_sigmoid(margin) if loss_type == "sigmoid" else (margin / beta - 1 / (2 * beta)) ** 2
+    assert result.losses.item() == pytest.approx(expected, rel=1e-5)
+    assert result.chosen_rewards.item() == pytest.approx(beta * logratio[0], rel=1e-5)
+
+
+def test_multiplicative_weights_scale_each_tokens_gradient_and_get_none():
+    policy_clean = token_scores(POLICY_CLEAN_LOGIT, POLICY_CLEAN_LOGP, requires_grad=True)
+    policy_corrupted = token_scores(POLICY_CORRUPT_LOGIT, POLICY_CORRUPT_LOGP, requires_grad=True)
+    result = tpo_batch_loss(
+        policy_clean,
+        policy_corrupted,
+        token_scores(REF_CLEAN_LOGIT, REF_CLEAN_LOGP),
+        None,
+        torch.tensor([True, True]),
+        weighting="multiplicative",
+    )
+    result.losses.sum().backward()
+
+    # d loss / d log p_w,i = -beta * (1 - sigmoid(h)) * c_i: each chosen token's gradient scaled by its weight
+    margin = (result.chosen_rewards - result.rejected_rewards).item()
+    weights = [0.5 + sigmoid(POLICY_CLEAN_LOGIT[0][i] - POLICY_CORRUPT_LOGIT[0][i]) for i in range(3)]
+    expected = [-(1 - sigmoid(margin)) * 0.1 * weight for weight in weights]
+    assert policy_clean.logp.grad[0].tolist() == pytest.approx(expected, rel=1e-5)
+    assert policy_corrupted.logit.grad is None or policy_corrupted.logit.grad.abs().sum().item() == 0.0
+    assert policy_clean.logit.grad is None or policy_clean.logit.grad.abs().sum().item() == 0.0
+
+
+def test_multiplicative_weighting_starts_at_zero_margin():
+    # policy == reference at the first step: every log-ratio is 0, whatever the weights
+    scores = token_scores(POLICY_CLEAN_LOGIT, POLICY_CLEAN_LOGP)
+    corrupted = token_scores(POLICY_CORRUPT_LOGIT, POLICY_CORRUPT_LOGP)
+    result = tpo_batch_loss(scores, corrupted, scores, None, torch.tensor([True, True]), weighting="multiplicative")
+    assert result.losses.item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_unknown_weighting_is_refused():
+    scores = token_scores(POLICY_CLEAN_LOGIT, POLICY_CLEAN_LOGP)
+    with pytest.raises(ValueError, match="expected log_additive or multiplicative"):
+        tpo_batch_loss(scores, scores, scores, scores, torch.tensor([True, True]), weighting="additive")
+
+
 def test_pairs_without_image_train_as_plain_dpo():
     # two pairs; pair 1 has no image: its rows get weight 1 and score 0, so its loss is plain DPO
     mask = torch.ones(4, 2, dtype=torch.bool)

@@ -99,3 +99,17 @@ def test_an_allowed_change_continues_and_train_loss_is_the_mean_of_all_steps(fin
     train_loss = json.loads((output_dir / "all_results.json").read_text())["train_loss"]
     assert train_loss == pytest.approx(mean_of_all_steps, abs=1e-6)
     assert log_history(output_dir)[-1]["train_loss"] == pytest.approx(mean_of_all_steps, abs=1e-6)
+
+
+@pytest.mark.parametrize("weighting, refused", [("log_additive", False), ("multiplicative", True)])
+def test_a_key_newer_than_the_checkpoint_counts_as_its_default(tmp_path, weighting, refused):
+    from tpo_plugin.training.run_settings import SETTINGS_FILE, refuse_changed_settings
+
+    # a checkpoint written before tpo_weighting existed trained with the log-additive objective
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps({"tpo_noise_step": 500, "pref_beta": 0.1}))
+    current = {"tpo_noise_step": 500, "tpo_weighting": weighting, "pref_beta": 0.1}
+    if refused:
+        with pytest.raises(ValueError, match='`tpo_weighting` was "log_additive", is now "multiplicative"'):
+            refuse_changed_settings(str(tmp_path), current, allow_changes=False)
+    else:
+        refuse_changed_settings(str(tmp_path), current, allow_changes=False)

@@ -40,6 +40,7 @@ TPO_UI_VALUES = {
     "tpo_reward_offset": 0.75,
     "tpo_score": "logprob",
     "tpo_detach_reward": True,
+    "tpo_weighting": "multiplicative",
     "tpo_allow_changed_settings": True,
     "tpo_log_tokens": 2,
 }
@@ -419,6 +420,7 @@ def test_tpo_trains_from_the_web_ui(page, model_dirs, tmp_path):
     set_number(page, "Weight offset", TPO_UI_VALUES["tpo_reward_offset"])
     choose(page, "Visual score", TPO_UI_VALUES["tpo_score"])
     page.get_by_role("checkbox", name=re.compile("^Detach reward")).check()
+    choose(page, "Token weighting", TPO_UI_VALUES["tpo_weighting"])
     page.get_by_role("checkbox", name=re.compile("^Allow changed settings on resume")).check()
     set_number(page, "Log token weights of N pairs", TPO_UI_VALUES["tpo_log_tokens"])
     open_panel(page, "RLHF configurations")

@@ -15,6 +15,7 @@ from ..method.noise import NUM_NOISE_STEPS
 
 CORRUPTIONS = ("diffusion", "blank")
 REWARD_SIDES = ("both", "chosen", "rejected")
+WEIGHTINGS = ("log_additive", "multiplicative")
 SCORE_KINDS = ("logit", "logprob")
 TPO_PREF_LOSSES = ("sigmoid", "hinge", "ipo")
 
@@ -63,6 +64,16 @@ class TPOArguments:
             "a graph, which is cheaper (TPO_METHOD §4). Default false."
         },
     )
+    tpo_weighting: Literal["log_additive", "multiplicative"] = field(
+        default="log_additive",
+        metadata={
+            "help": "How the token weights enter each response's score: `log_additive`, sum [log p + log c], the "
+            "paper's (the weights act through the margin and through their own gradient), or `multiplicative`, "
+            "sum c * log p with the policy's c detached and applied to the reference's log-probabilities too (the "
+            "weights scale each token's gradient; the reference's corrupted pass is skipped) (TPO_METHOD §4). "
+            "Default log_additive."
+        },
+    )
     tpo_allow_changed_settings: bool = field(
         default=False,
         metadata={
@@ -90,6 +101,7 @@ class TPOArguments:
         _check_choice("tpo_corruption", self.tpo_corruption, CORRUPTIONS)
         _check_choice("tpo_reward_on", self.tpo_reward_on, REWARD_SIDES)
         _check_choice("tpo_score", self.tpo_score, SCORE_KINDS)
+        _check_choice("tpo_weighting", self.tpo_weighting, WEIGHTINGS)
 
         offset = self.tpo_reward_offset
         if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not offset >= 0:

@@ -132,6 +132,20 @@ def sequence_logps(
     return total
 
 
+def weighted_sequence_logps(
+    token_logps: torch.Tensor, token_weights: torch.Tensor, mask: torch.Tensor, average: bool = False
+) -> torch.Tensor:
+    r"""``sum_i c_i * log p(y_i)`` over the response tokens of each sequence (TPO_METHOD §4, multiplicative).
+
+    The weight scales the token's log-probability, hence its gradient, as RLHF-V's DDPO weights tokens; the
+    caller passes detached weights. With ``average`` the sum is divided by the number of response tokens.
+    """
+    total = (token_weights * token_logps * mask).sum(dim=-1)
+    if average:
+        return total / mask.sum(dim=-1).clamp_min(1)
+    return total
+
+
 def preference_losses(
     chosen_logratios: torch.Tensor,
     rejected_logratios: torch.Tensor,
@@ -233,24 +247,35 @@ def tpo_batch_loss(
     reward_on: str = "both",
     offset: float = 0.5,
     detach_reward: bool = False,
+    weighting: str = "log_additive",
 ) -> TPOBatchLoss:
     r"""The visual-aware DPO objective of a batch of n pairs (TPO_METHOD §4).
 
-    Policy and reference each weight their own tokens from their own clean and corrupted passes;
-    with ``detach_reward`` no gradient flows through the policy's weights ``c^theta``.
+    ``log_additive`` (the paper's): policy and reference each weight their own tokens from their own clean
+    and corrupted passes, ``sum [log p + log c]``; with ``detach_reward`` no gradient flows through the
+    policy's weights ``c^theta``. ``multiplicative``: ``sum c^theta * log p`` for policy and reference alike,
+    with ``c^theta`` detached; ``ref_corrupted`` is not used.
     """
-    weighting = {"score_kind": score_kind, "reward_on": reward_on, "offset": offset}
+    token_weighting = {"score_kind": score_kind, "reward_on": reward_on, "offset": offset}
     policy_score, policy_log_weight = token_visual_scores_and_log_weights(
-        policy_clean, policy_corrupted, has_image, **weighting
+        policy_clean, policy_corrupted, has_image, **token_weighting
     )
-    _, ref_log_weight = token_visual_scores_and_log_weights(ref_clean, ref_corrupted, has_image, **weighting)
-    if detach_reward:
-        policy_log_weight = policy_log_weight.detach()
-
     mask, average = policy_clean.mask, loss_type == "ipo"
-    logratios = sequence_logps(policy_clean.logp, policy_log_weight, mask, average) - sequence_logps(
-        ref_clean.logp, ref_log_weight, mask, average
-    )
+    if weighting == "log_additive":
+        _, ref_log_weight = token_visual_scores_and_log_weights(ref_clean, ref_corrupted, has_image, **token_weighting)
+        if detach_reward:
+            policy_log_weight = policy_log_weight.detach()
+        logratios = sequence_logps(policy_clean.logp, policy_log_weight, mask, average) - sequence_logps(
+            ref_clean.logp, ref_log_weight, mask, average
+        )
+    elif weighting == "multiplicative":
+        policy_log_weight = policy_log_weight.detach()
+        token_weight = policy_log_weight.exp()
+        logratios = weighted_sequence_logps(policy_clean.logp, token_weight, mask, average) - weighted_sequence_logps(
+            ref_clean.logp, token_weight, mask, average
+        )
+    else:
+        raise ValueError(f"Unknown TPO weighting {weighting!r}; expected log_additive or multiplicative.")
     num_pairs = logratios.size(0) // 2
     chosen_logratios, rejected_logratios = logratios.split(num_pairs)
     losses = preference_losses(chosen_logratios, rejected_logratios, loss_type, beta, label_smoothing)

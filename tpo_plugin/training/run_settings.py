@@ -137,6 +137,8 @@ def refuse_changed_settings(checkpoint: str, current: dict[str, Any], allow_chan
         )
         return
 
+    # A tpo_* key newer than the checkpoint was trained at its default, which older versions had built in.
+    recorded = {**{key: value for key, value in tpo_defaults().items() if key in current}, **recorded}
     # Only keys both know: a key a later plugin version adds is not a change made by the user.
     changes = [
         f"`{key}` was {json.dumps(recorded[key])}, is now {json.dumps(current[key])}"

@@ -58,7 +58,8 @@ def batch_token_views(trainer: "CustomTPOTrainer", batch: dict[str, Any]) -> lis
     was_training = model.training
     model.eval()
     try:
-        scores = trainer.batch_token_scores(model, trainer._prepare_inputs(batch), EVAL_STEP_KEY)
+        inputs = trainer._prepare_inputs(batch)
+        scores = trainer.batch_token_scores(model, inputs, EVAL_STEP_KEY, reference_scores=True)
     finally:
         model.train(was_training)
 

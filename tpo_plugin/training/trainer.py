@@ -105,6 +105,16 @@ class BatchTokenScores(NamedTuple):
     labels: torch.Tensor  # (2n, L)
 
 
+def policy_weights_are_detached(finetuning_args: Any) -> bool:
+    """No gradient flows through c^theta: ``tpo_detach_reward``, or the multiplicative weighting (TPO_METHOD §4)."""
+    return finetuning_args.tpo_detach_reward or finetuning_args.tpo_weighting == "multiplicative"
+
+
+def reference_weights_are_used(finetuning_args: Any) -> bool:
+    """Only the log-additive weighting needs c^ref, hence the reference's corrupted pass."""
+    return finetuning_args.tpo_weighting == "log_additive"
+
+
 class CustomTPOTrainer(CustomDPOTrainer):
     def __init__(self, image_corrupter: ImageCorrupter, **kwargs):
         self.image_corrupter = image_corrupter
@@ -200,11 +210,15 @@ class CustomTPOTrainer(CustomDPOTrainer):
             )
         return super()._save_checkpoint(model, trial)
 
-    def batch_token_scores(self, model: "PreTrainedModel", batch: dict[str, Any], step_key: int) -> BatchTokenScores:
+    def batch_token_scores(
+        self, model: "PreTrainedModel", batch: dict[str, Any], step_key: int, reference_scores: bool = False
+    ) -> BatchTokenScores:
         """Every forward pass of a TPO step: clean and corrupted, policy and reference (TPO_METHOD §2, §4).
 
         ``step_key`` keys the corruption noise: the global step while training, ``EVAL_STEP_KEY`` otherwise.
-        The training loss and the per-token view (:mod:`tpo_plugin.training.token_view`) both start here.
+        The reference's corrupted pass runs only when its weights enter the loss, or when ``reference_scores``
+        asks for them. The training loss and the per-token view (:mod:`tpo_plugin.training.token_view`) both
+        start here.
         """
         inputs = nested_detach(dict(batch), clone=True)  # the forward passes must not alter the batch
         pair_images = inputs.pop(PAIR_IMAGES_KEY)
@@ -217,7 +231,7 @@ class CustomTPOTrainer(CustomDPOTrainer):
         if corrupted_mm_inputs is not None:
             corrupted_inputs = {**inputs, **self._prepare_inputs(corrupted_mm_inputs)}
 
-        if corrupted_inputs is None or self.finetuning_args.tpo_detach_reward:
+        if corrupted_inputs is None or policy_weights_are_detached(self.finetuning_args):
             policy_clean, policy_mean_logits = self._token_scores(model, inputs, labels)
             policy_corrupted = None
             if corrupted_inputs is not None:
@@ -229,7 +243,7 @@ class CustomTPOTrainer(CustomDPOTrainer):
             )
 
         with torch.no_grad(), self._reference_context(model) as ref_model:
-            if corrupted_inputs is None:
+            if corrupted_inputs is None or not (reference_scores or reference_weights_are_used(self.finetuning_args)):
                 ref_clean, ref_corrupted = self._token_scores(ref_model, inputs, labels, reference=True)[0], None
             else:
                 (ref_clean, ref_corrupted), _ = self._paired_token_scores(
@@ -279,6 +293,7 @@ class CustomTPOTrainer(CustomDPOTrainer):
             reward_on=args.tpo_reward_on,
             offset=args.tpo_reward_offset,
             detach_reward=args.tpo_detach_reward,
+            weighting=args.tpo_weighting,
         )
         if train_eval == "train":
             self._stop_unless_finite(result.losses, result.visual_score)

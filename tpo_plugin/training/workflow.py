@@ -63,7 +63,8 @@ def run_tpo(
         f"Stage tpo on rank {training_args.process_index}: noise_step={finetuning_args.tpo_noise_step}, "
         f"corruption={finetuning_args.tpo_corruption}, reward_on={finetuning_args.tpo_reward_on}, "
         f"reward_offset={finetuning_args.tpo_reward_offset}, score={finetuning_args.tpo_score}, "
-        f"detach_reward={finetuning_args.tpo_detach_reward}, pref_loss={finetuning_args.pref_loss}, "
+        f"detach_reward={finetuning_args.tpo_detach_reward}, weighting={finetuning_args.tpo_weighting}, "
+        f"pref_loss={finetuning_args.pref_loss}, "
         f"pref_beta={finetuning_args.pref_beta}."
     )
     check_ranking_datasets(data_args)

@@ -12,7 +12,7 @@ import re
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..hparams.tpo_args import CORRUPTIONS, REWARD_SIDES, SCORE_KINDS, TPOArguments, tpo_defaults
+from ..hparams.tpo_args import CORRUPTIONS, REWARD_SIDES, SCORE_KINDS, WEIGHTINGS, TPOArguments, tpo_defaults
 from ..method.noise import NUM_NOISE_STEPS
 
 
@@ -45,6 +45,7 @@ def create_tpo_tab() -> dict[str, "Component"]:
                 tpo_reward_offset=gr.Number(minimum=0, step=0.05, value=defaults["tpo_reward_offset"]),
                 tpo_score=gr.Dropdown(choices=list(SCORE_KINDS), value=defaults["tpo_score"]),
                 tpo_detach_reward=gr.Checkbox(value=defaults["tpo_detach_reward"]),
+                tpo_weighting=gr.Dropdown(choices=list(WEIGHTINGS), value=defaults["tpo_weighting"]),
                 tpo_allow_changed_settings=gr.Checkbox(value=defaults["tpo_allow_changed_settings"]),
                 tpo_log_tokens=gr.Number(minimum=0, step=1, precision=0, value=defaults["tpo_log_tokens"]),
             )
@@ -233,6 +234,33 @@ _TEXTS: dict[str, dict[str, tuple[str, ...]]] = {
             "報酬の勾配を切り離す",
             "ポリシーのトークン重みを通る勾配を止めます。破損画像に対するポリシーの順伝播は計算グラフなしで実行され、"
             "コストが下がります。デフォルトは false。",
+        ),
+    },
+    "tpo_weighting": {
+        "en": ("Token weighting", _english_help("tpo_weighting")),
+        "ru": (
+            "Взвешивание токенов",
+            "Как веса токенов входят в оценку ответа: `log_additive`, сумма [log p + log c] (как в статье), или "
+            "`multiplicative`, сумма c * log p с отсоединёнными весами политики, применёнными и к эталонной модели "
+            "(веса масштабируют градиент каждого токена). По умолчанию log_additive.",
+        ),
+        "zh": (
+            "token 加权方式",
+            "token 权重进入回答得分的方式：`log_additive`，即 Σ[log p + log c]（论文做法）；或 `multiplicative`，"
+            "即 Σ c·log p，策略模型的权重不回传梯度并同样作用于参考模型（权重缩放每个 token 的梯度）。"
+            "默认 log_additive。",
+        ),
+        "ko": (
+            "토큰 가중 방식",
+            "토큰 가중치가 응답 점수에 들어가는 방식: `log_additive`, Σ[log p + log c](논문 방식), 또는 "
+            "`multiplicative`, Σ c·log p(정책의 가중치는 그래디언트 없이 참조 모델에도 적용되어 각 토큰의 "
+            "그래디언트를 조절). 기본값 log_additive.",
+        ),
+        "ja": (
+            "トークンの重み付け",
+            "トークン重みが応答スコアに入る方法：`log_additive`、Σ[log p + log c]（論文の方式）、または "
+            "`multiplicative`、Σ c·log p（ポリシーの重みは勾配を流さず参照モデルにも適用され、各トークンの勾配を"
+            "スケールする）。デフォルトは log_additive。",
         ),
     },
     "tpo_allow_changed_settings": {
