@@ -21,6 +21,8 @@ def test_defaults_follow_the_method():
         "tpo_score": "logit",
         "tpo_detach_reward": False,
         "tpo_weighting": "log_additive",
+        "tpo_noise_per": "step",
+        "tpo_precompute_ref": False,
         "tpo_allow_changed_settings": False,
         "tpo_log_tokens": 0,
     }
@@ -41,6 +43,9 @@ def test_defaults_follow_the_method():
         ("tpo_reward_offset", float("nan"), "`tpo_reward_offset` must be a number >= 0, got nan"),
         ("tpo_detach_reward", "maybe", "`tpo_detach_reward` must be true or false, got 'maybe'"),
         ("tpo_weighting", "additive", "`tpo_weighting` must be one of log_additive, multiplicative; got 'additive'"),
+        ("tpo_noise_per", "epoch", "`tpo_noise_per` must be one of step, sample; got 'epoch'"),
+        ("tpo_precompute_ref", "yes", "`tpo_precompute_ref` must be true or false, got 'yes'"),
+        ("tpo_precompute_ref", True, "`tpo_precompute_ref: true` needs `tpo_noise_per: sample`"),
         ("tpo_allow_changed_settings", 1, "`tpo_allow_changed_settings` must be true or false, got 1"),
         ("tpo_log_tokens", -1, "`tpo_log_tokens` must be an integer >= 0 (0: off), got -1"),
         ("tpo_log_tokens", 1.5, "`tpo_log_tokens` must be an integer >= 0 (0: off), got 1.5"),

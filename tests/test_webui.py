@@ -41,6 +41,8 @@ TPO_UI_VALUES = {
     "tpo_score": "logprob",
     "tpo_detach_reward": True,
     "tpo_weighting": "multiplicative",
+    "tpo_noise_per": "sample",
+    "tpo_precompute_ref": True,
     "tpo_allow_changed_settings": True,
     "tpo_log_tokens": 2,
 }
@@ -421,6 +423,8 @@ def test_tpo_trains_from_the_web_ui(page, model_dirs, tmp_path):
     choose(page, "Visual score", TPO_UI_VALUES["tpo_score"])
     page.get_by_role("checkbox", name=re.compile("^Detach reward")).check()
     choose(page, "Token weighting", TPO_UI_VALUES["tpo_weighting"])
+    choose(page, "Noise drawn per", TPO_UI_VALUES["tpo_noise_per"])
+    page.get_by_role("checkbox", name=re.compile("^Precompute reference scores")).check()
     page.get_by_role("checkbox", name=re.compile("^Allow changed settings on resume")).check()
     set_number(page, "Log token weights of N pairs", TPO_UI_VALUES["tpo_log_tokens"])
     open_panel(page, "RLHF configurations")

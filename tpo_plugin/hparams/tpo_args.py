@@ -16,6 +16,7 @@ from ..method.noise import NUM_NOISE_STEPS
 CORRUPTIONS = ("diffusion", "blank")
 REWARD_SIDES = ("both", "chosen", "rejected")
 WEIGHTINGS = ("log_additive", "multiplicative")
+NOISE_SCHEDULES = ("step", "sample")
 SCORE_KINDS = ("logit", "logprob")
 TPO_PREF_LOSSES = ("sigmoid", "hinge", "ipo")
 
@@ -74,6 +75,23 @@ class TPOArguments:
             "Default log_additive."
         },
     )
+    tpo_noise_per: Literal["step", "sample"] = field(
+        default="step",
+        metadata={
+            "help": "When the corruption noise is drawn: fresh each `step` (keyed by seed, step and image), or once "
+            "per `sample` (one fixed corrupted copy of each image for the whole run, keyed by seed and image) "
+            "(TPO_METHOD §1). Default step."
+        },
+    )
+    tpo_precompute_ref: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the reference model's token scores of every training and evaluation pair once, before "
+            "training, store them in OUTPUT_DIR (reused on resume, recomputed when anything they depend on changed) "
+            "and never run the reference model during training; a separate reference model is freed after the "
+            "pass. Needs `tpo_noise_per: sample`. Default false."
+        },
+    )
     tpo_allow_changed_settings: bool = field(
         default=False,
         metadata={
@@ -110,6 +128,15 @@ class TPOArguments:
 
         if not isinstance(self.tpo_detach_reward, bool):
             raise ValueError(f"`tpo_detach_reward` must be true or false, got {self.tpo_detach_reward!r}.")
+        _check_choice("tpo_noise_per", self.tpo_noise_per, NOISE_SCHEDULES)
+        if not isinstance(self.tpo_precompute_ref, bool):
+            raise ValueError(f"`tpo_precompute_ref` must be true or false, got {self.tpo_precompute_ref!r}.")
+        if self.tpo_precompute_ref and self.tpo_noise_per != "sample":
+            raise ValueError(
+                "`tpo_precompute_ref: true` needs `tpo_noise_per: sample`: stored reference scores hold for one "
+                "corrupted copy of each image, but with `tpo_noise_per: step` the reference sees fresh noise at "
+                "every step. Set `tpo_noise_per: sample`, or `tpo_precompute_ref: false`."
+            )
         if not isinstance(self.tpo_allow_changed_settings, bool):
             raise ValueError(
                 f"`tpo_allow_changed_settings` must be true or false, got {self.tpo_allow_changed_settings!r}."

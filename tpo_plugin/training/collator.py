@@ -6,6 +6,7 @@ from typing import Any, Optional
 from llamafactory.data import PairwiseDataCollatorWithPadding
 
 from .corruption import ImageCorrupter
+from .reference_scores import PAIR_KEY
 
 
 PAIR_IMAGES_KEY = "tpo_images"  # batch key under which each pair's loaded images reach the trainer
@@ -29,4 +30,6 @@ class TPODataCollatorWithPadding(PairwiseDataCollatorWithPadding):
 
         batch = super().__call__(features)
         batch[PAIR_IMAGES_KEY] = pair_images
+        if features and PAIR_KEY in features[0]:  # the datasets carry pair keys with tpo_precompute_ref
+            batch[PAIR_KEY] = [feature[PAIR_KEY] for feature in features]
         return batch

@@ -5,7 +5,8 @@ and resized it, and then goes through the model family's own image processor exa
 one: this works for every multimodal template and yields the same image tokens and grid.
 
 The step key is the global step while training and a fixed key while evaluating, so the same run
-repeats exactly, also after a resume from a checkpoint, whatever the data order.
+repeats exactly, also after a resume from a checkpoint, whatever the data order; with
+``tpo_noise_per: sample`` one fixed key serves every step, so each image has one corrupted copy.
 """
 
 from typing import Any, Optional
@@ -19,6 +20,7 @@ from .image_modes import eight_bit_rgb, open_image
 
 
 EVAL_STEP_KEY = -1  # every evaluation uses the same noise, so evaluations at different steps compare
+SAMPLE_KEY = -2  # with `tpo_noise_per: sample` every step and evaluation uses this key: one noise per image
 
 
 def regularize_images(mm_plugin: Any, images: list[Any], processor: Any) -> list[Image.Image]:
@@ -40,12 +42,15 @@ def regularize_images(mm_plugin: Any, images: list[Any], processor: Any) -> list
 class ImageCorrupter:
     """Builds the corrupted multimodal inputs of a pairwise batch with the model family's own processor."""
 
-    def __init__(self, template: Any, processor: Any, corruption: str, noise_step: int, seed: int):
+    def __init__(
+        self, template: Any, processor: Any, corruption: str, noise_step: int, seed: int, noise_per: str = "step"
+    ):
         self.mm_plugin = template.mm_plugin
         self.processor = processor
         self.corruption = corruption
         self.noise_step = noise_step
         self.seed = seed
+        self.noise_per = noise_per
 
     def load_images(self, images: list[Any]) -> list[Image.Image]:
         """Open and resize the images of one sample once, as LLaMA-Factory's processor would."""
@@ -62,8 +67,9 @@ class ImageCorrupter:
         if not any(pair_images):
             return None
 
+        noise_key = SAMPLE_KEY if self.noise_per == "sample" else step_key
         corrupted = [
-            [corrupt_image(image, self.corruption, self.noise_step, self.seed, step_key) for image in images]
+            [corrupt_image(image, self.corruption, self.noise_step, self.seed, noise_key) for image in images]
             for images in pair_images
         ]
         # Process each corrupted image once, for the chosen rows, and reuse the tensors for the rejected rows:

@@ -34,7 +34,7 @@ logger = logging.get_logger("llamafactory.train.tpo")
 SETTINGS_FILE = "tpo_settings.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 # tpo_* keys that change what is logged or what is allowed, not what is optimised.
-NON_OBJECTIVE_TPO_KEYS = ("tpo_allow_changed_settings", "tpo_log_tokens")
+NON_OBJECTIVE_TPO_KEYS = ("tpo_allow_changed_settings", "tpo_log_tokens", "tpo_precompute_ref")
 # LLaMA-Factory's keys that enter the TPO loss (β, loss type, SFT term, smoothing) or its reference model.
 PREFERENCE_KEYS = ("pref_beta", "pref_loss", "pref_ftx", "dpo_label_smoothing", "ref_model", "ref_model_adapters")
 

@@ -26,6 +26,7 @@ from ..method.objective import (
 from .collator import PAIR_IMAGES_KEY
 from .corruption import EVAL_STEP_KEY, ImageCorrupter
 from .image_features import ImageFeatureCache, image_feature_owner, vision_path_is_frozen
+from .reference_scores import PAIR_KEY, ReferenceScores, pair_values
 from .stopping import any_rank
 
 
@@ -118,6 +119,7 @@ def reference_weights_are_used(finetuning_args: Any) -> bool:
 class CustomTPOTrainer(CustomDPOTrainer):
     def __init__(self, image_corrupter: ImageCorrupter, **kwargs):
         self.image_corrupter = image_corrupter
+        self.reference_scores: Optional[ReferenceScores] = None  # set by use_reference_scores
         super().__init__(**kwargs)
         # Under ZeRO-3 and FSDP every rank must run the same modules in the same order (parameters are
         # gathered per module), which reusing encodings depending on a batch's content would break.
@@ -210,6 +212,80 @@ class CustomTPOTrainer(CustomDPOTrainer):
             )
         return super()._save_checkpoint(model, trial)
 
+    @torch.no_grad()
+    def _reference_token_scores(
+        self,
+        model: "PreTrainedModel",
+        inputs: dict[str, Any],
+        corrupted_inputs: Optional[dict[str, Any]],
+        labels: torch.Tensor,
+    ) -> tuple[TokenScores, Optional[TokenScores]]:
+        """The reference model's clean token scores, and its corrupted ones unless ``corrupted_inputs`` is None."""
+        with self._reference_context(model) as ref_model:
+            if corrupted_inputs is None:
+                return self._token_scores(ref_model, inputs, labels, reference=True)[0], None
+            scores, _ = self._paired_token_scores(ref_model, inputs, corrupted_inputs, labels, reference=True)
+            return scores
+
+    @torch.no_grad()
+    def compute_reference_scores(self, datasets: list[Any], digest: str) -> ReferenceScores:
+        """The reference's token scores of every pair of ``datasets``, in one no-grad pass (``tpo_precompute_ref``).
+
+        Called when training begins, once DeepSpeed or DDP has wrapped the model. Each rank scores every
+        ``num_processes``-th pair, all ranks the same number of batches (the last pairs repeat), so that under
+        ZeRO-3 every rank runs the same forwards; the results are gathered on all ranks.
+        """
+        from accelerate.utils import gather_object
+        from tqdm import tqdm
+
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        batch_size = max(1, self.args.per_device_eval_batch_size)
+        with_corrupted = reference_weights_are_used(self.finetuning_args)
+        items = [(dataset, row) for dataset in datasets for row in range(len(dataset))]
+        shard = items[rank::world]
+        shard += shard[-1:] * (-(-len(items) // world) - len(shard))  # equal length on every rank
+        was_training = self.model.training
+        self.model.eval()  # as LLaMA-Factory prepares a separate reference model: no dropout
+        values = {}
+        try:
+            starts = range(0, len(shard), batch_size)
+            for start in tqdm(starts, desc="Reference scores", disable=not self.is_local_process_zero()):
+                features = [dict(dataset[row]) for dataset, row in shard[start : start + batch_size]]
+                batch = self._prepare_inputs(self.data_collator(features))
+                inputs = nested_detach(dict(batch), clone=True)
+                pair_images, pair_keys = inputs.pop(PAIR_IMAGES_KEY), inputs.pop(PAIR_KEY)
+                labels = inputs.pop("labels")
+                has_image = torch.tensor([len(images) > 0 for images in pair_images] * 2)
+                self.image_features.clear()
+                corrupted_mm_inputs = self.image_corrupter.corrupted_inputs(pair_images, inputs, EVAL_STEP_KEY)
+                corrupted_inputs = None
+                if with_corrupted and corrupted_mm_inputs is not None:
+                    corrupted_inputs = {**inputs, **self._prepare_inputs(corrupted_mm_inputs)}
+                clean, corrupted = self._reference_token_scores(self.model_wrapped, inputs, corrupted_inputs, labels)
+                values.update(zip(pair_keys, pair_values(clean, corrupted, has_image), strict=True))
+        finally:
+            self.image_features.clear()
+            self.model.train(was_training)
+
+        if world > 1:
+            gathered = {}
+            for part in gather_object([values]):
+                gathered.update(part)
+            values = gathered
+        return ReferenceScores(digest, values)
+
+    def use_reference_scores(self, scores: ReferenceScores) -> None:
+        """From now on the reference model is never run: its scores come from ``scores``.
+
+        A separate reference model (full fine-tuning, or ``ref_model``) is freed; for LoRA the reference is the
+        policy with its adapter disabled, which costs no memory of its own.
+        """
+        self.reference_scores = scores
+        if self.ref_model is not None:
+            self.ref_model = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
     def batch_token_scores(
         self, model: "PreTrainedModel", batch: dict[str, Any], step_key: int, reference_scores: bool = False
     ) -> BatchTokenScores:
@@ -222,6 +298,7 @@ class CustomTPOTrainer(CustomDPOTrainer):
         """
         inputs = nested_detach(dict(batch), clone=True)  # the forward passes must not alter the batch
         pair_images = inputs.pop(PAIR_IMAGES_KEY)
+        pair_keys = inputs.pop(PAIR_KEY, None)
         labels = inputs.pop("labels")
         has_image = torch.tensor([len(images) > 0 for images in pair_images] * 2, device=labels.device)
 
@@ -242,13 +319,13 @@ class CustomTPOTrainer(CustomDPOTrainer):
                 model, inputs, corrupted_inputs, labels
             )
 
-        with torch.no_grad(), self._reference_context(model) as ref_model:
-            if corrupted_inputs is None or not (reference_scores or reference_weights_are_used(self.finetuning_args)):
-                ref_clean, ref_corrupted = self._token_scores(ref_model, inputs, labels, reference=True)[0], None
-            else:
-                (ref_clean, ref_corrupted), _ = self._paired_token_scores(
-                    ref_model, inputs, corrupted_inputs, labels, reference=True
-                )
+        if self.reference_scores is not None:
+            ref_clean, ref_corrupted = self.reference_scores.token_scores(pair_keys, policy_clean.mask)
+        else:
+            with_corrupted = reference_scores or reference_weights_are_used(self.finetuning_args)
+            ref_clean, ref_corrupted = self._reference_token_scores(
+                model, inputs, corrupted_inputs if with_corrupted else None, labels
+            )
         self.image_features.clear()  # the step's forwards are done: free the features
         return BatchTokenScores(
             policy_clean, policy_corrupted, ref_clean, ref_corrupted, has_image, policy_mean_logits, labels

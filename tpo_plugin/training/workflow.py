@@ -16,11 +16,21 @@ from llamafactory.extras.misc import calculate_tps
 from llamafactory.extras.ploting import plot_loss
 from llamafactory.model import load_model, load_tokenizer
 from llamafactory.train.trainer_utils import create_modelcard_and_push, create_ref_model
+from transformers import TrainerCallback
 
 from .collator import TPODataCollatorWithPadding
 from .corruption import ImageCorrupter
 from .data_checks import check_image_template, check_pairs, check_ranking_datasets
 from .families import check_template_family
+from .reference_scores import (
+    SCORES_FILE,
+    ReferenceScores,
+    add_pair_keys,
+    data_digest,
+    identity_digest,
+    keyed_datasets,
+    reference_identity,
+)
 from .run_settings import (
     RecordSettingsCallback,
     check_resume,
@@ -28,12 +38,12 @@ from .run_settings import (
     report_whole_run_train_loss,
     write_settings,
 )
-from .stopping import StopOnSignalCallback
+from .stopping import StopOnSignalCallback, any_rank
 
 
 if TYPE_CHECKING:
     from llamafactory.hparams import DataArguments, ModelArguments
-    from transformers import Seq2SeqTrainingArguments, TrainerCallback
+    from transformers import Seq2SeqTrainingArguments
 
     from ..hparams.tpo_args import TPOFinetuningArguments
 
@@ -77,6 +87,14 @@ def run_tpo(
     check_template_family(data_args.template)
     check_pairs(template, tokenizer_module, model_args, data_args, training_args)
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="rm", **tokenizer_module)
+    reference_store = None
+    if finetuning_args.tpo_precompute_ref and training_args.do_train:
+        dataset_module = add_pair_keys(dataset_module)
+        datasets = keyed_datasets(dataset_module)
+        identity = reference_identity(
+            model_args, data_args, training_args, finetuning_args, settings, data_digest(datasets)
+        )
+        reference_store = (datasets, identity)
     model = load_model(tokenizer, model_args, finetuning_args, training_args.do_train)
 
     image_corrupter, data_collator = corrupter_and_collator(
@@ -108,6 +126,8 @@ def run_tpo(
         stop_on_signal = StopOnSignalCallback(trainer.accelerator)
         trainer.add_callback(stop_on_signal)
         trainer.add_callback(RecordSettingsCallback(settings))
+        if reference_store is not None:
+            trainer.add_callback(ReferenceScoresCallback(trainer, *reference_store))
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         if stop_on_signal.stopped:  # a checkpoint, not a finished model: nothing may look like one
             checkpoint = os.path.join(training_args.output_dir, f"checkpoint-{trainer.state.global_step}")
@@ -168,6 +188,7 @@ def corrupter_and_collator(
         corruption=finetuning_args.tpo_corruption,
         noise_step=finetuning_args.tpo_noise_step,
         seed=seed,
+        noise_per=finetuning_args.tpo_noise_per,
     )
     tokenizer = tokenizer_module["tokenizer"]
     data_collator = TPODataCollatorWithPadding(
@@ -179,3 +200,31 @@ def corrupter_and_collator(
         **tokenizer_module,
     )
     return image_corrupter, data_collator
+
+
+class ReferenceScoresCallback(TrainerCallback):
+    """When training begins (the model wrapped for DeepSpeed or DDP), load or compute the reference scores.
+
+    Stored scores are reused when their digest matches this run's, else every rank computes its share anew
+    and rank 0 stores them; from then on the trainer never runs the reference model.
+    """
+
+    def __init__(self, trainer: Any, datasets: list[Any], identity: dict[str, Any]):
+        self.trainer = trainer
+        self.datasets = datasets
+        self.identity = identity
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        digest = identity_digest(self.identity)
+        path = os.path.join(args.output_dir, SCORES_FILE)
+        scores = ReferenceScores.load(args.output_dir, digest)
+        if any_rank(self.trainer.accelerator, scores is None):
+            num_pairs = sum(len(dataset) for dataset in self.datasets)
+            reason = "they are not stored yet" if not os.path.isfile(path) else "what they depend on changed"
+            logger.info_rank0(f"Computing the reference scores of {num_pairs} pairs once ({reason}): {path}.")
+            scores = self.trainer.compute_reference_scores(self.datasets, digest)
+            if args.should_save:
+                scores.save(args.output_dir, self.identity)
+        else:
+            logger.info_rank0(f"Reusing the reference scores stored in {path}.")
+        self.trainer.use_reference_scores(scores)

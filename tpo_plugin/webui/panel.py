@@ -12,7 +12,15 @@ import re
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..hparams.tpo_args import CORRUPTIONS, REWARD_SIDES, SCORE_KINDS, WEIGHTINGS, TPOArguments, tpo_defaults
+from ..hparams.tpo_args import (
+    CORRUPTIONS,
+    NOISE_SCHEDULES,
+    REWARD_SIDES,
+    SCORE_KINDS,
+    WEIGHTINGS,
+    TPOArguments,
+    tpo_defaults,
+)
 from ..method.noise import NUM_NOISE_STEPS
 
 
@@ -46,6 +54,8 @@ def create_tpo_tab() -> dict[str, "Component"]:
                 tpo_score=gr.Dropdown(choices=list(SCORE_KINDS), value=defaults["tpo_score"]),
                 tpo_detach_reward=gr.Checkbox(value=defaults["tpo_detach_reward"]),
                 tpo_weighting=gr.Dropdown(choices=list(WEIGHTINGS), value=defaults["tpo_weighting"]),
+                tpo_noise_per=gr.Dropdown(choices=list(NOISE_SCHEDULES), value=defaults["tpo_noise_per"]),
+                tpo_precompute_ref=gr.Checkbox(value=defaults["tpo_precompute_ref"]),
                 tpo_allow_changed_settings=gr.Checkbox(value=defaults["tpo_allow_changed_settings"]),
                 tpo_log_tokens=gr.Number(minimum=0, step=1, precision=0, value=defaults["tpo_log_tokens"]),
             )
@@ -261,6 +271,55 @@ _TEXTS: dict[str, dict[str, tuple[str, ...]]] = {
             "トークン重みが応答スコアに入る方法：`log_additive`、Σ[log p + log c]（論文の方式）、または "
             "`multiplicative`、Σ c·log p（ポリシーの重みは勾配を流さず参照モデルにも適用され、各トークンの勾配を"
             "スケールする）。デフォルトは log_additive。",
+        ),
+    },
+    "tpo_noise_per": {
+        "en": ("Noise drawn per", _english_help("tpo_noise_per")),
+        "ru": (
+            "Шум на",
+            "Когда выбирается шум искажения: заново на каждом шаге (`step`, по seed, шагу и изображению) или один раз "
+            "на пример (`sample`: одна фиксированная искажённая копия каждого изображения на весь запуск). "
+            "По умолчанию step.",
+        ),
+        "zh": (
+            "噪声抽取粒度",
+            "破坏噪声何时抽取：每个 `step` 重新抽取（由 seed、步数与图像决定），或每个 `sample` 一次"
+            "（整个训练中每张图像只有一份固定的破坏副本）。默认 step。",
+        ),
+        "ko": (
+            "노이즈 추출 단위",
+            "손상 노이즈를 언제 뽑는지: 매 `step`마다 새로(seed, 스텝, 이미지로 결정) 또는 `sample`마다 한 번"
+            "(학습 전체에서 이미지마다 고정된 손상 사본 하나). 기본값 step.",
+        ),
+        "ja": (
+            "ノイズの単位",
+            "破損ノイズをいつ引くか：`step` ごとに新しく（seed・ステップ・画像で決まる）、または `sample` ごとに一度"
+            "（学習全体で画像ごとに固定の破損コピー1つ）。デフォルトは step。",
+        ),
+    },
+    "tpo_precompute_ref": {
+        "en": ("Precompute reference scores", _english_help("tpo_precompute_ref")),
+        "ru": (
+            "Предвычислить оценки эталона",
+            "Один раз до обучения вычислить оценки токенов эталонной модели для всех пар, сохранить их в OUTPUT_DIR "
+            "и не запускать эталонную модель во время обучения; отдельная эталонная модель освобождается. Требует "
+            "`tpo_noise_per: sample`. По умолчанию выключено.",
+        ),
+        "zh": (
+            "预先计算参考分数",
+            "训练前一次性计算所有样本对的参考模型 token 分数并保存到 OUTPUT_DIR，训练中不再运行参考模型；"
+            "单独的参考模型会被释放。需要 `tpo_noise_per: sample`。默认关闭。",
+        ),
+        "ko": (
+            "참조 점수 사전 계산",
+            "학습 전에 모든 쌍의 참조 모델 토큰 점수를 한 번 계산해 OUTPUT_DIR에 저장하고 학습 중에는 참조 모델을 "
+            "실행하지 않습니다. 별도의 참조 모델은 해제됩니다. `tpo_noise_per: sample` 필요. 기본값 false.",
+        ),
+        "ja": (
+            "参照スコアの事前計算",
+            "学習前にすべてのペアの参照モデルのトークンスコアを一度だけ計算して OUTPUT_DIR に保存し、"
+            "学習中は参照モデルを実行しません。別の参照モデルは解放されます。`tpo_noise_per: sample` が必要。"
+            "デフォルトは false。",
         ),
     },
     "tpo_allow_changed_settings": {

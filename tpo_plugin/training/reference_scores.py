@@ -1,0 +1,191 @@
+"""The reference model's token scores, computed once before training (``tpo_precompute_ref: true``).
+
+The TPO loss reads the reference model only through its clean and corrupted target-token scores on each
+answer's tokens (TPO_METHOD §2-§4). With one fixed corrupted copy per image (``tpo_noise_per: sample``) they
+are the same every time a pair is seen, so one no-grad pass over the training and evaluation pairs before
+training replaces the reference's forwards at every step, and a separate reference model can be freed.
+
+The scores are stored in ``OUTPUT_DIR/tpo_reference_scores.pt`` with a digest of everything they depend on
+(reference model, adapters and their files, data and images, template, cutoff, image sizes, precision, the
+objective's settings and seed, plugin version): a resume reuses them, any change recomputes them.
+"""
+
+import hashlib
+import json
+import os
+from importlib.metadata import version
+from typing import Any, Optional
+
+import torch
+
+from ..method.objective import TokenScores
+
+
+PAIR_KEY = "tpo_pair_key"  # dataset column (and batch key) naming each pair: "<split>/<row>"
+SCORES_FILE = "tpo_reference_scores.pt"
+# Per response token, in this order: clean logit, clean log p, corrupted logit, corrupted log p.
+NUM_FIELDS = 4
+_HASHED_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+
+
+def add_pair_keys(dataset_module: dict[str, Any]) -> dict[str, Any]:
+    """The datasets with a ``tpo_pair_key`` column: ``train/<row>``, ``eval/<row>`` or ``eval_<name>/<row>``."""
+    keyed = {}
+    for split, datasets in dataset_module.items():
+        prefix = split.removesuffix("_dataset")
+        if isinstance(datasets, dict):
+            keyed[split] = {name: _with_keys(data, f"{prefix}_{name}") for name, data in datasets.items()}
+        else:
+            keyed[split] = _with_keys(datasets, prefix)
+    return keyed
+
+
+def _with_keys(dataset: Any, prefix: str) -> Any:
+    return dataset.add_column(PAIR_KEY, [f"{prefix}/{row}" for row in range(len(dataset))])
+
+
+def keyed_datasets(dataset_module: dict[str, Any]) -> list[Any]:
+    """Every dataset of the run (training, then evaluation ones) whose pairs need reference scores."""
+    datasets = []
+    for data in dataset_module.values():
+        datasets += list(data.values()) if isinstance(data, dict) else [data]
+    return datasets
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _model_files(path: Optional[str]) -> Any:
+    """Name, size and modification time of each file of a local model or adapter folder; a hub id as it is."""
+    if not path or not os.path.isdir(path):
+        return path
+    files = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.isfile(full):
+            stat = os.stat(full)
+            files.append([name, stat.st_size, stat.st_mtime_ns])
+    return files
+
+
+def _image_identity(image: Any) -> Any:
+    if isinstance(image, str) and os.path.isfile(image):
+        return _file_digest(image)
+    if isinstance(image, dict) and image.get("bytes") is not None:
+        return hashlib.blake2b(image["bytes"], digest_size=16).hexdigest()
+    return repr(image)  # a URL or another reference LLaMA-Factory resolves: its name stands for it
+
+
+def data_digest(datasets: list[Any]) -> str:
+    """A digest of the pairs' tokens, labels, images (file contents) and keys, in order."""
+    digest = hashlib.sha256()
+    for dataset in datasets:
+        for row in dataset:
+            digest.update(json.dumps([row[PAIR_KEY], *(row[column] for column in _HASHED_COLUMNS)]).encode())
+            digest.update(json.dumps([_image_identity(image) for image in row.get("images") or []]).encode())
+    return digest.hexdigest()
+
+
+def reference_identity(
+    model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any, objective: dict[str, Any], data: str
+) -> dict[str, Any]:
+    """Everything the stored scores depend on, as plain JSON; its digest names a valid store."""
+    adapters = model_args.adapter_name_or_path or []
+    ref_adapters = finetuning_args.ref_model_adapters
+    return {
+        "plugin": version("tpo-plugin"),
+        "model": [model_args.model_name_or_path, getattr(model_args, "model_revision", None)],
+        "model_files": _model_files(model_args.model_name_or_path),
+        "adapters": [[path, _model_files(path)] for path in adapters],
+        "finetuning_type": finetuning_args.finetuning_type,
+        "ref_model": [finetuning_args.ref_model, _model_files(finetuning_args.ref_model)],
+        "ref_model_adapters": [ref_adapters, _model_files(ref_adapters)],
+        "ref_model_quantization_bit": finetuning_args.ref_model_quantization_bit,
+        "quantization_bit": model_args.quantization_bit,
+        "template": data_args.template,
+        "cutoff_len": data_args.cutoff_len,
+        "image_pixels": [getattr(model_args, "image_max_pixels", None), getattr(model_args, "image_min_pixels", None)],
+        "precision": [training_args.bf16, training_args.fp16, str(getattr(model_args, "compute_dtype", None))],
+        "objective": objective,
+        "data": data,
+    }
+
+
+def identity_digest(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class ReferenceScores:
+    """Per pair key, the reference's per-token values on the chosen and the rejected answer.
+
+    ``values[key] = (chosen, rejected)``, each a ``(NUM_FIELDS, tokens)`` float32 tensor, or ``(2, tokens)``
+    (clean only) for a pair without an image, or when the objective needs no corrupted reference pass.
+    """
+
+    def __init__(self, digest: str, values: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        self.digest = digest
+        self.values = values
+
+    def save(self, output_dir: str, identity: dict[str, Any]) -> None:
+        """Write the store atomically: a half-written file never has the final name."""
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, SCORES_FILE)
+        partial = f"{path}.partial"
+        torch.save({"digest": self.digest, "identity": identity, "values": self.values}, partial)
+        os.replace(partial, path)
+
+    @classmethod
+    def load(cls, output_dir: str, digest: str) -> Optional["ReferenceScores"]:
+        """The stored scores if they were computed for ``digest``; ``None`` if absent or stale."""
+        path = os.path.join(output_dir, SCORES_FILE)
+        if not os.path.isfile(path):
+            return None
+        stored = torch.load(path, weights_only=True)
+        if stored.get("digest") != digest:
+            return None
+        return cls(digest, stored["values"])
+
+    def token_scores(self, pair_keys: list[str], mask: torch.Tensor) -> tuple[TokenScores, Optional[TokenScores]]:
+        """The reference's clean and corrupted :class:`TokenScores` of a batch whose response tokens are ``mask``.
+
+        Rows are chosen then rejected; the corrupted scores are ``None`` when no pair of the batch has them
+        (as the live passes give when a batch has no image), and zero on the rows of pairs without them.
+        """
+        num_pairs = len(pair_keys)
+        rows = [self.values[key][side] for side in (0, 1) for key in pair_keys]
+        full = torch.zeros(NUM_FIELDS, *mask.shape, dtype=torch.float32, device=mask.device)
+        for row, values in enumerate(rows):
+            positions = mask[row].nonzero().squeeze(-1)
+            if values.size(1) != positions.numel():
+                side = "chosen" if row < num_pairs else "rejected"
+                raise RuntimeError(
+                    f"The stored reference scores of pair {pair_keys[row % num_pairs]} ({side}) cover "
+                    f"{values.size(1)} tokens, but the batch has {positions.numel()}: {SCORES_FILE} does not "
+                    "belong to this data. Delete it to recompute it."
+                )
+            full[: values.size(0), row, positions] = values.to(mask.device)
+        clean = TokenScores(full[0], full[1], mask)
+        if all(values.size(0) < NUM_FIELDS for values in rows):
+            return clean, None
+        return clean, TokenScores(full[2], full[3], mask)
+
+
+def pair_values(
+    clean: TokenScores, corrupted: Optional[TokenScores], has_image: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per pair of a batch (rows chosen then rejected), what :class:`ReferenceScores` stores for it."""
+    num_pairs = clean.mask.size(0) // 2
+
+    def row_values(row: int) -> torch.Tensor:
+        mask = clean.mask[row]
+        fields = [clean.logit[row][mask], clean.logp[row][mask]]
+        if corrupted is not None and has_image[row]:
+            fields += [corrupted.logit[row][mask], corrupted.logp[row][mask]]
+        return torch.stack(fields).float().cpu()
+
+    return [(row_values(pair), row_values(num_pairs + pair)) for pair in range(num_pairs)]
