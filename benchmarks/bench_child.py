@@ -32,7 +32,8 @@ class StepTimer(TrainerCallback):
 
     ``step_seconds``: ``on_step_begin`` to ``on_step_end`` (forwards, backward, optimizer), after a
     CUDA synchronize at both ends. ``wall_seconds``: from one ``on_step_end`` to the next, which adds
-    fetching and collating the batch (and the images) and logging.
+    fetching and collating the batch (and the images) and logging. ``seconds_before_first_step``: from
+    ``on_train_begin`` to the first ``on_step_begin``, which holds ``tpo_precompute_ref``'s reference pass.
     """
 
     def __init__(self, result_path: str):
@@ -55,10 +56,13 @@ class StepTimer(TrainerCallback):
             torch.cuda.reset_peak_memory_stats()
         self.rss_peak_reset = reset_peak_rss()
         self.rss_at_train_begin = process_memory("VmRSS")
-        self._last_step_end = self._now()
+        self._last_step_end = self._train_begin = self._now()
+        self.seconds_before_first_step = None
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_start = self._now()
+        if self.seconds_before_first_step is None:  # later callbacks' on_train_begin (tpo_precompute_ref's pass)
+            self.seconds_before_first_step = self._step_start - self._train_begin
 
     def on_step_end(self, args, state, control, **kwargs):
         now = self._now()
@@ -74,6 +78,7 @@ class StepTimer(TrainerCallback):
         result = {
             "step_seconds": self.step_seconds,
             "wall_seconds": self.wall_seconds,
+            "seconds_before_first_step": self.seconds_before_first_step,
             "logs": self.logs,
             "peak_rss_bytes": process_memory("VmHWM"),  # since train begin, unless the reset failed
             "peak_rss_since_train_begin": self.rss_peak_reset,

@@ -8,6 +8,9 @@ variant alike:
 - ``dpo``: ``stage: dpo``, LLaMA-Factory's own trainer (the baseline);
 - ``tpo``: ``stage: tpo``, the plugin's trainer with its defaults;
 - ``tpo_detach``: ``stage: tpo`` with ``tpo_detach_reward: true``;
+- ``tpo_precompute`` (and ``tpo_detach_precompute``): ``tpo_precompute_ref: true`` with ``tpo_noise_per:
+  sample``: the reference's scores of every trained pair computed once before step 1 (the one-off cost is
+  the "s before step 1" column), no reference forward in the steps;
 - ``tpo_reference_structure``: ``stage: tpo`` computed with the reference code's structure
   (:mod:`reference_structure`: 8 separate forwards, float32 full-vocabulary log-softmax), the same losses.
 
@@ -60,6 +63,11 @@ VARIANTS = {
     "dpo": ({"stage": "dpo"}, ""),
     "tpo": ({"stage": "tpo"}, ""),
     "tpo_detach": ({"stage": "tpo", "tpo_detach_reward": True}, ""),
+    "tpo_precompute": ({"stage": "tpo", "tpo_noise_per": "sample", "tpo_precompute_ref": True}, ""),
+    "tpo_detach_precompute": (
+        {"stage": "tpo", "tpo_noise_per": "sample", "tpo_precompute_ref": True, "tpo_detach_reward": True},
+        "",
+    ),
     "tpo_reference_structure": ({"stage": "tpo"}, REFERENCE_STRUCTURE),
 }
 CONFIGS = ("lora", "full")
@@ -317,6 +325,7 @@ def summarise(args, runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary = {
         "s_per_step": statistics.median(steps),
         "wall_s_per_step": statistics.median(walls),
+        "s_before_first_step": statistics.median(run["seconds_before_first_step"] for run in runs),
         "pairs_per_s": runs[0]["batch_pairs"] / statistics.median(steps),
         "peak_memory_bytes": max(run["peak_allocated_bytes" if cuda else "peak_rss_bytes"] for run in runs),
         "peak_memory_kind": "cuda_max_allocated" if cuda else "peak_rss",
@@ -385,12 +394,13 @@ def markdown_table(config: str, result: dict[str, Any], header: str) -> str:
     lines = [
         f"#### {config}: {header}",
         "",
-        f"| variant | s/step (median) | wall s/step | pairs/s | {memory} | × DPO time | × DPO memory |",
-        "|---|---|---|---|---|---|---|",
+        f"| variant | s/step (median) | wall s/step | s before step 1 | pairs/s | {memory} | × DPO time | "
+        "× DPO memory |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, summary in variants.items():
         if "error" in summary:
-            lines.append(f"| {name} | failed: {summary['error']} | | | | | |")
+            lines.append(f"| {name} | failed: {summary['error']} | | | | | | |")
             continue
         to_dpo = result["ratios"].get(f"{name}/dpo") or ({"time": 1.0, "memory": 1.0} if name == "dpo" else None)
         times = f"{to_dpo['time']:.2f}×" if to_dpo else "–"
@@ -399,7 +409,8 @@ def markdown_table(config: str, result: dict[str, Any], header: str) -> str:
         memory_cell = f"{gib(summary['peak_memory_bytes'])} ({'' if cuda else '+'}{gib(extra)})"
         lines.append(
             f"| {name} | {summary['s_per_step']:.4f} | {summary['wall_s_per_step']:.4f} | "
-            f"{summary['pairs_per_s']:.2f} | {memory_cell} | {times} | {memories} |"
+            f"{summary['s_before_first_step']:.2f} | {summary['pairs_per_s']:.2f} | {memory_cell} | {times} | "
+            f"{memories} |"
         )
     versus = result["ratios"].get("tpo_reference_structure/tpo")
     if versus:

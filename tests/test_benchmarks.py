@@ -18,7 +18,7 @@ from conftest import OFFLINE_ENV
 pytestmark = pytest.mark.e2e
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-VARIANTS = {"dpo", "tpo", "tpo_detach", "tpo_reference_structure"}
+VARIANTS = {"dpo", "tpo", "tpo_detach", "tpo_precompute", "tpo_detach_precompute", "tpo_reference_structure"}
 
 
 def test_harness_prints_json_line_and_reference_structure_trains_like_tpo(tmp_path):
@@ -39,11 +39,14 @@ def test_harness_prints_json_line_and_reference_structure_trains_like_tpo(tmp_pa
         assert "error" not in summary, (name, summary)
         assert summary["measured_steps"] == 2
         assert summary["s_per_step"] > 0 and summary["pairs_per_s"] > 0 and summary["peak_memory_bytes"] > 0
+        assert summary["s_before_first_step"] >= 0
     assert lora["variants"]["tpo_reference_structure"]["trainer"] == "ReferenceStructureTPOTrainer"
     assert set(lora["ratios"]) == {f"{name}/dpo" for name in VARIANTS - {"dpo"}} | {"tpo_reference_structure/tpo"}
     for name, ratios in lora["ratios"].items():
         assert all(math.isfinite(value) and value > 0 for value in ratios.values()), (name, ratios)
-    assert "| tpo_reference_structure |" in result.stdout  # the Markdown table
+    assert "| tpo_reference_structure |" in result.stdout and "| tpo_precompute |" in result.stdout  # Markdown
+    # the precomputed reference gives the live reference's first loss (policy = reference at step 1: log 2)
+    assert lora["variants"]["tpo_precompute"]["first_steps_logs"][0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
 
     # "Results must not change": step 1 (forwards, and through grad_norm the backward) and step 2.
     check = lora["reference_structure_check"]
