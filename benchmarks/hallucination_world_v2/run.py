@@ -1,0 +1,251 @@
+"""One command for Evidence v2: both kinds of world, SFT, DPO and three TPO variants along a learning-rate sweep,
+evaluation (v1's metrics and KL to SFT), per-token views from ``tpo-plugin inspect``, and ``RESULTS_v2.md``.
+
+    python -m benchmarks.hallucination_world_v2.run [--quick] [--out DIR] [--jobs 2] [--results PATH]
+
+For every world kind and world seed: draw the world, build the random tiny Qwen2-VL, train it with ``stage: sft``;
+then, from that checkpoint, every method at every learning rate of its world kind; evaluate every model on the
+world's test set and its KL to the SFT model on held-out chosen captions; run ``tpo-plugin inspect`` on every
+method's model at the view learning rate (first world seed), the SFT model as reference. Every stage is a
+``llamafactory-cli train`` on a recipe written into its run folder. A run whose ``metrics.json`` exists (a view
+whose ``tokens.jsonl`` exists) is reused, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import yaml
+
+
+if __package__ in (None, ""):  # run as a script: make the repository importable as the package's root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.hallucination_world import train  # noqa: E402
+from benchmarks.hallucination_world.run import _train_summary  # noqa: E402
+from benchmarks.hallucination_world_v2 import evaluate, model, report, world  # noqa: E402
+from benchmarks.hallucination_world_v2.protocol import FULL, METHODS, QUICK, TPO_DEFAULTS, Protocol  # noqa: E402
+
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "runs"
+VIEW_DIR = "views"
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One training run: its recipe, where it goes, the world it is evaluated on, and its record's settings."""
+
+    recipe: dict
+    run_dir: Path
+    world_dir: Path
+    sft_dir: Path
+    record: dict
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny worlds, 2 steps: checks every stage and metric")
+    parser.add_argument("--out", type=Path, help=f"run folder (default: {DEFAULT_OUT}[_quick])")
+    parser.add_argument("--results", type=Path, help="RESULTS_v2.md path (default: next to run.py; --quick: in --out)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained side by side, one thread each (default: 2)")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+
+    protocol = QUICK if args.quick else FULL
+    out = (args.out or Path(f"{DEFAULT_OUT}{'_quick' if args.quick else ''}")).resolve()
+    results_path = args.results or (out / "RESULTS_v2.md" if args.quick else HERE / "RESULTS_v2.md")
+    torch.set_num_threads(1)  # evaluation in this process: one thread per lane, as the training runs (train.py)
+    os.environ.update(train.OFFLINE_ENV)  # for the in-process ``tpo-plugin inspect``, as for the training runs
+    start = time.perf_counter()
+    runs = run_protocol(protocol, out, args.jobs)
+    views = run_views(protocol, out)
+    mode = "quick" if args.quick else "full"
+    report.write_results(protocol, runs, views, out, results_path, mode, time.perf_counter() - start, args.jobs)
+    print(f"[evidence-v2] {len(runs)} runs in {time.perf_counter() - start:.0f} s; report: {results_path}")
+    return 0
+
+
+def world_dir(out: Path, kind: str, seed: int) -> Path:
+    return out / f"{kind}-{seed}"
+
+
+def run_protocol(protocol: Protocol, out: Path, jobs: int) -> list[dict]:
+    """Draw the worlds, train and evaluate every run; one record per run (settings, metrics, timings).
+
+    All SFT runs first, then all preference runs, each phase ``jobs`` runs at a time (one thread each).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "protocol.json").write_text(json.dumps(protocol.as_dict(), indent=1))
+    worlds = [(kind, seed) for seed in protocol.world_seeds for kind in protocol.world_kinds]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        specs = [
+            world.WorldSpec(kind, dataclasses.replace(protocol.world, seed=seed), protocol.num_heldout)
+            for kind, seed in worlds
+        ]
+        list(pool.map(lambda spec: world.build_world(spec, world_dir(out, spec.kind, spec.config.seed)), specs))
+        sft_jobs = [sft_job(protocol, world_dir(out, kind, seed), kind, seed) for kind, seed in worlds]
+        runs = list(pool.map(lambda job: run_job(job, protocol), sft_jobs))
+        preference = [
+            job for kind, seed in worlds for job in preference_jobs(protocol, world_dir(out, kind, seed), kind, seed)
+        ]
+        runs += list(pool.map(lambda job: run_job(job, protocol), preference))
+    return runs
+
+
+def sft_job(protocol: Protocol, directory: Path, kind: str, seed: int) -> Job:
+    """SFT of a fresh random model (init seed = training seed) on the world's SFT set (v1's recipe)."""
+    init_dir = model.build_world_model(directory / "init", seed=protocol.train_seed)
+    recipe = train.sft_recipe(init_dir, directory, directory / "sft", protocol.train_seed, protocol.sft)
+    record = {"world_kind": kind, "world_seed": seed, "variant": "sft", "learning_rate": 0.0}
+    return Job(recipe, directory / "sft", directory, directory / "sft", record)
+
+
+def preference_jobs(protocol: Protocol, directory: Path, kind: str, seed: int) -> list[Job]:
+    """Every method at every learning rate of the world's kind, from the world's SFT model (v1's recipe)."""
+    jobs = []
+    for lr in protocol.learning_rates[kind]:
+        for method in protocol.methods:
+            run_dir = directory / f"{method}-lr{lr:g}"
+            settings = METHODS[method]
+            recipe = train.preference_recipe(
+                directory / "sft",
+                directory,
+                run_dir,
+                protocol.train_seed,
+                protocol.preference,
+                settings["stage"],
+                lr,
+                settings["tpo_keys"],
+            )
+            record = {"world_kind": kind, "world_seed": seed, "variant": method, "learning_rate": lr}
+            jobs.append(Job(recipe, run_dir, directory, directory / "sft", record))
+    return jobs
+
+
+def run_job(job: Job, protocol: Protocol) -> dict:
+    """Train (unless done) and evaluate one run; its record is saved as ``metrics.json`` in the run folder."""
+    done = job.run_dir / "metrics.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    print(f"[evidence-v2] {job.run_dir.parent.name}/{job.run_dir.name}: training", flush=True)
+    train_seconds, train_cpu_seconds = train_timed(job.recipe, job.run_dir / "recipe.yaml", job.run_dir / "train.log")
+    start, start_cpu = time.perf_counter(), time.thread_time()
+    result = evaluate.evaluate_model(job.run_dir, job.world_dir, protocol.eval_batch_size)
+    kl = evaluate.heldout_kl(job.run_dir, job.sft_dir, job.world_dir, protocol.eval_batch_size)
+    (job.run_dir / "captions.json").write_text(json.dumps(result["details"], indent=1))
+    record = {
+        **job.record,
+        "run_dir": str(job.run_dir),
+        "train_seconds": train_seconds,
+        "train_cpu_seconds": train_cpu_seconds,
+        "eval_seconds": time.perf_counter() - start,
+        "eval_cpu_seconds": time.thread_time() - start_cpu,  # this thread's: evaluation runs on one thread
+        "train_log": _train_summary(job.run_dir),
+        **result["metrics"],
+        "kl_to_sft": kl,
+    }
+    done.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def train_timed(recipe: dict, recipe_path: Path, log_path: Path) -> tuple[float, float]:
+    """v1's ``train.train`` (recipe written, ``llamafactory-cli train``, a failure raised with the log's tail),
+    returning the wall time and the CPU time of the run.
+
+    The CPU time (user + system, from ``wait4``) is what a run costs on a core of its own: the pilots ran on
+    cores shared with other work, so their wall times alone could not size the protocol (PROTOCOL_v2.md).
+    """
+    recipe_path.parent.mkdir(parents=True, exist_ok=True)
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    command = [sys.executable, "-m", "llamafactory.cli", "train", str(recipe_path)]
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            command, env={**os.environ, **train.OFFLINE_ENV}, stdout=log, stderr=subprocess.STDOUT
+        )
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
+    elapsed = time.perf_counter() - start
+    if process.returncode != 0:
+        tail = log_path.read_text()[-4000:]
+        raise RuntimeError(f"{' '.join(command)} failed (exit code {process.returncode}); log {log_path}:\n{tail}")
+    return elapsed, usage.ru_utime + usage.ru_stime
+
+
+def view_recipe(run_dir: Path, sft_dir: Path, output_dir: Path, method: str) -> dict:
+    """A ``stage: tpo`` recipe for ``tpo-plugin inspect``: the trained model as policy, the SFT model as reference.
+
+    Built from the run's own recipe, on the world's held-out trigger pairs (``world_view``); a DPO model is
+    viewed with the TPO defaults (the weights TPO would give its tokens).
+    """
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    recipe.update(
+        stage="tpo",
+        model_name_or_path=str(run_dir),
+        ref_model=str(sft_dir),
+        dataset="world_view",
+        output_dir=str(output_dir),
+        **(METHODS[method]["tpo_keys"] or TPO_DEFAULTS),
+    )
+    return recipe
+
+
+def run_views(protocol: Protocol, out: Path) -> dict:
+    """``tpo-plugin inspect`` on each method's model at the view learning rate, per world kind (first world seed).
+
+    Returns ``{kind: {method: [token views]}}``: per pair and side the policy's (after training) and the
+    reference's (SFT, before) tokens, visual scores, weights and log-probabilities.
+    """
+    seed = protocol.world_seeds[0]
+    views: dict = {}
+    for kind in protocol.world_kinds:
+        directory = world_dir(out, kind, seed)
+        lr = protocol.view_learning_rates[kind]
+        for method in protocol.methods:
+            output_dir = directory / VIEW_DIR / method
+            tokens = inspect_view(directory / f"{method}-lr{lr:g}", output_dir, method, protocol.view_pairs)
+            views.setdefault(kind, {})[method] = [json.loads(line) for line in tokens.read_text().splitlines()]
+    return views
+
+
+def inspect_view(run_dir: Path, output_dir: Path, method: str, num_pairs: int) -> Path:
+    """Run ``tpo-plugin inspect`` (unless its ``tokens.jsonl`` exists); return the path of ``tokens.jsonl``.
+
+    The command runs in this process (its output goes to ``inspect.log``): one start-up of LLaMA-Factory for
+    all views instead of one per view.
+    """
+    from tpo_plugin.commands import inspect as inspect_command
+
+    tokens = output_dir / inspect_command.TOKENS_FILE
+    if tokens.exists():
+        return tokens
+    output_dir.mkdir(parents=True, exist_ok=True)
+    recipe_path = output_dir / "inspect.yaml"
+    recipe_path.write_text(yaml.safe_dump(view_recipe(run_dir, run_dir.parent / "sft", output_dir, method)))
+    argv = [str(recipe_path), "--output-dir", str(output_dir), "--num-pairs", str(num_pairs), "--overwrite"]
+    parser = argparse.ArgumentParser(prog="tpo-plugin inspect")
+    inspect_command.add_arguments(parser)
+    log_path = output_dir / "inspect.log"
+    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        code = inspect_command.run(parser.parse_args(argv))
+    if code != 0:
+        raise RuntimeError(
+            f"tpo-plugin inspect {' '.join(argv)} failed (exit code {code}):\n{log_path.read_text()[-4000:]}"
+        )
+    return tokens
+
+
+if __name__ == "__main__":
+    sys.exit(main())
