@@ -23,7 +23,7 @@ from ..method.objective import (
     target_token_scores,
     tpo_batch_loss,
 )
-from .collator import PAIR_IMAGES_KEY
+from .collator import CORRUPTED_INPUTS_KEY, PAIR_IMAGES_KEY
 from .corruption import EVAL_STEP_KEY, ImageCorrupter
 from .image_features import ImageFeatureCache, image_feature_owner, vision_path_is_frozen
 from .reference_scores import PAIR_KEY, ReferenceScores, pair_values
@@ -94,11 +94,21 @@ def logits_from_position(model: "PreTrainedModel", first_position: int, mean_log
         handle.remove()
 
 
+class UnpackedBatch(NamedTuple):
+    """A collated TPO batch taken apart for the forward passes; rows chosen then rejected."""
+
+    inputs: dict[str, Any]  # the clean model inputs
+    corrupted_inputs: Optional[dict[str, Any]]  # the same with corrupted images; None when the batch has none
+    labels: torch.Tensor  # (2n, L)
+    has_image: torch.Tensor  # (2n,) bool: the row's pair has an image
+    pair_keys: Optional[list[str]]  # the pairs' keys, with tpo_precompute_ref
+
+
 class BatchTokenScores(NamedTuple):
     """The per-token results of a step's forward passes, rows chosen then rejected (TPO_METHOD §2, §4)."""
 
     policy_clean: TokenScores
-    policy_corrupted: Optional[TokenScores]  # None when the batch has no image
+    policy_corrupted: Optional[TokenScores]  # None when no rank's batch has an image
     ref_clean: TokenScores
     ref_corrupted: Optional[TokenScores]
     has_image: torch.Tensor  # (2n,) bool: the row's pair has an image
@@ -114,6 +124,22 @@ def policy_weights_are_detached(finetuning_args: Any) -> bool:
 def reference_weights_are_used(finetuning_args: Any) -> bool:
     """Only the log-additive weighting needs c^ref, hence the reference's corrupted pass."""
     return finetuning_args.tpo_weighting == "log_additive"
+
+
+def corrupted_pass_inputs(
+    inputs: dict[str, Any], corrupted_inputs: Optional[dict[str, Any]], images_on_any_rank: bool
+) -> Optional[dict[str, Any]]:
+    """The inputs of this rank's corrupted passes: ``None`` only when no rank's batch has an image.
+
+    Under ZeRO-3 (and FSDP) parameters are gathered module by module, so every rank must run the same forward
+    passes, or the ranks hang or fail in mismatched collectives. A rank whose batch has no image while another
+    rank's has one runs its corrupted passes on its clean inputs, which reach the vision tower too (LLaMA-Factory's
+    collator gives an image-less batch a fake image). Its rows have no image, so their visual score stays 0 and
+    their weight 1 (TPO_METHOD §3): the loss is that of skipping the passes.
+    """
+    if corrupted_inputs is not None or not images_on_any_rank:
+        return corrupted_inputs
+    return dict(inputs)
 
 
 class CustomTPOTrainer(CustomDPOTrainer):
@@ -212,6 +238,26 @@ class CustomTPOTrainer(CustomDPOTrainer):
             )
         return super()._save_checkpoint(model, trial)
 
+    def _unpack_batch(self, batch: dict[str, Any], step_key: int) -> UnpackedBatch:
+        """A collated batch as model inputs (clean and corrupted), labels, image flags and pair keys.
+
+        The collator has built the corrupted inputs where their noise does not depend on the step
+        (``tpo_noise_per: sample``), in the data loader's workers; otherwise they are built here.
+        """
+        inputs = nested_detach(dict(batch), clone=True)  # the forward passes must not alter the batch
+        pair_images = inputs.pop(PAIR_IMAGES_KEY)
+        pair_keys = inputs.pop(PAIR_KEY, None)
+        labels = inputs.pop("labels")
+        has_image = torch.tensor([len(images) > 0 for images in pair_images] * 2, device=labels.device)
+        if CORRUPTED_INPUTS_KEY in inputs:
+            corrupted_mm_inputs = inputs.pop(CORRUPTED_INPUTS_KEY)
+        else:
+            corrupted_mm_inputs = self.image_corrupter.corrupted_inputs(pair_images, inputs, step_key)
+        corrupted_inputs = None
+        if corrupted_mm_inputs is not None:
+            corrupted_inputs = {**inputs, **self._prepare_inputs(corrupted_mm_inputs)}
+        return UnpackedBatch(inputs, corrupted_inputs, labels, has_image, pair_keys)
+
     @torch.no_grad()
     def _reference_token_scores(
         self,
@@ -251,18 +297,14 @@ class CustomTPOTrainer(CustomDPOTrainer):
             starts = range(0, len(shard), batch_size)
             for start in tqdm(starts, desc="Reference scores", disable=not self.is_local_process_zero()):
                 features = [dict(dataset[row]) for dataset, row in shard[start : start + batch_size]]
-                batch = self._prepare_inputs(self.data_collator(features))
-                inputs = nested_detach(dict(batch), clone=True)
-                pair_images, pair_keys = inputs.pop(PAIR_IMAGES_KEY), inputs.pop(PAIR_KEY)
-                labels = inputs.pop("labels")
-                has_image = torch.tensor([len(images) > 0 for images in pair_images] * 2)
+                pairs = self._unpack_batch(self._prepare_inputs(self.data_collator(features)), EVAL_STEP_KEY)
+                images_on_any_rank = any_rank(self.accelerator, pairs.corrupted_inputs is not None)
+                corrupted_inputs = corrupted_pass_inputs(pairs.inputs, pairs.corrupted_inputs, images_on_any_rank)
                 self.image_features.clear()
-                corrupted_mm_inputs = self.image_corrupter.corrupted_inputs(pair_images, inputs, EVAL_STEP_KEY)
-                corrupted_inputs = None
-                if with_corrupted and corrupted_mm_inputs is not None:
-                    corrupted_inputs = {**inputs, **self._prepare_inputs(corrupted_mm_inputs)}
-                clean, corrupted = self._reference_token_scores(self.model_wrapped, inputs, corrupted_inputs, labels)
-                values.update(zip(pair_keys, pair_values(clean, corrupted, has_image), strict=True))
+                clean, corrupted = self._reference_token_scores(
+                    self.model_wrapped, pairs.inputs, corrupted_inputs if with_corrupted else None, pairs.labels
+                )
+                values.update(zip(pairs.pair_keys, pair_values(clean, corrupted, pairs.has_image), strict=True))
         finally:
             self.image_features.clear()
             self.model.train(was_training)
@@ -293,21 +335,14 @@ class CustomTPOTrainer(CustomDPOTrainer):
 
         ``step_key`` keys the corruption noise: the global step while training, ``EVAL_STEP_KEY`` otherwise.
         The reference's corrupted pass runs only when its weights enter the loss, or when ``reference_scores``
-        asks for them. The training loss and the per-token view (:mod:`tpo_plugin.training.token_view`) both
-        start here.
+        asks for them. Whenever any rank's batch has an image, every rank runs the corrupted passes
+        (:func:`corrupted_pass_inputs`). The training loss and the per-token view
+        (:mod:`tpo_plugin.training.token_view`) both start here.
         """
-        inputs = nested_detach(dict(batch), clone=True)  # the forward passes must not alter the batch
-        pair_images = inputs.pop(PAIR_IMAGES_KEY)
-        pair_keys = inputs.pop(PAIR_KEY, None)
-        labels = inputs.pop("labels")
-        has_image = torch.tensor([len(images) > 0 for images in pair_images] * 2, device=labels.device)
-
+        inputs, corrupted_inputs, labels, has_image, pair_keys = self._unpack_batch(batch, step_key)
+        images_on_any_rank = any_rank(self.accelerator, corrupted_inputs is not None)  # every rank calls this
+        corrupted_inputs = corrupted_pass_inputs(inputs, corrupted_inputs, images_on_any_rank)
         self.image_features.clear()  # features of an earlier step's images are not reused
-        corrupted_mm_inputs = self.image_corrupter.corrupted_inputs(pair_images, inputs, step_key)
-        corrupted_inputs = None
-        if corrupted_mm_inputs is not None:
-            corrupted_inputs = {**inputs, **self._prepare_inputs(corrupted_mm_inputs)}
-
         if corrupted_inputs is None or policy_weights_are_detached(self.finetuning_args):
             policy_clean, policy_mean_logits = self._token_scores(model, inputs, labels)
             policy_corrupted = None
