@@ -6,13 +6,21 @@ model of well under a million parameters with random weights, and the family's p
 then runs its real pipeline on it (template, multimodal plugin, LoRA or full fine-tuning) in seconds on a
 CPU.
 
-The families, one per kind of multimodal plugin in LLaMA-Factory and the Qwen generations users train:
+The families, one per architecture of a LLaMA-Factory image template (``FAMILIES`` maps each to its template):
 
 * ``qwen2_vl``: Qwen2-VL, whose image tokens depend on the image size (dynamic resolution, M-RoPE);
 * ``llava``: LLaVA-1.5, a CLIP vision tower in front of a Llama, with a fixed number of image tokens;
 * ``qwen2_5_vl``: Qwen2.5-VL (windowed vision attention, SwiGLU merger), trained with the ``qwen2_vl`` template;
 * ``qwen3_vl``: Qwen3-VL dense (16-pixel patches, learned position embeddings, deepstack features, QK-norm);
-* ``llava_next``: LLaVA-NeXT, LLaVA with any-resolution tiles (the image tokens depend on the image size).
+* ``llava_next``: LLaVA-NeXT, LLaVA with any-resolution tiles (the image tokens depend on the image size);
+* ``internvl``: InternVL, the transformers port (InternViT tiles, pixel shuffle, a Qwen2);
+* ``gemma3``, ``paligemma``: SigLIP before Gemma 3 (pooled soft tokens) or Gemma (image tokens as a prefix);
+* ``pixtral``, ``mistral3``: Pixtral's variable-size vision encoder before a Mistral, in a LLaVA or Mistral 3;
+* ``glm4v``, ``glm4v_moe``: GLM-4.1V and GLM-4.5V (MoE text), Qwen2-VL-like dynamic resolution;
+* ``qwen3_vl_moe``, ``qwen3_5``: Qwen3-VL with a MoE text model; Qwen3.5's hybrid linear-attention text model;
+* ``video_llava``, ``llava_next_video``: the video LLaVAs, whose image path TPO corrupts;
+* ``mllama``: Llama 3.2 Vision, images reaching the text model through cross-attention;
+* ``llama4``: Llama 4 (pixel shuffle, MoE text), bfloat16 only.
 
 Only the standard library, torch, tokenizers, PIL and transformers are imported, never llamafactory, so
 tests can build a model before LLaMA-Factory is configured.
@@ -33,6 +41,26 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessor,
+    Gemma3Processor,
+    Glm4vConfig,
+    Glm4vForConditionalGeneration,
+    Glm4vImageProcessor,
+    Glm4vMoeConfig,
+    Glm4vMoeForConditionalGeneration,
+    Glm4vProcessor,
+    Glm4vVideoProcessor,
+    GotOcr2ImageProcessor,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
+    InternVLVideoProcessor,
+    Llama4Config,
+    Llama4ForConditionalGeneration,
+    Llama4ImageProcessor,
+    Llama4Processor,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -40,7 +68,22 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessor,
     LlavaNextProcessor,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+    LlavaNextVideoProcessor,
+    LlavaNextVideoVideoProcessor,
     LlavaProcessor,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    MllamaConfig,
+    MllamaForConditionalGeneration,
+    MllamaImageProcessor,
+    MllamaProcessor,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaProcessor,
+    PixtralImageProcessor,
+    PixtralProcessor,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -50,10 +93,20 @@ from transformers import (
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
     Qwen3VLProcessor,
     Qwen3VLVideoProcessor,
+    SiglipImageProcessor,
+    VideoLlavaConfig,
+    VideoLlavaForConditionalGeneration,
+    VideoLlavaImageProcessor,
+    VideoLlavaProcessor,
+    VideoLlavaVideoProcessor,
 )
 
 
@@ -75,6 +128,19 @@ FAMILIES = {
     "qwen2_5_vl": "qwen2_vl",
     "qwen3_vl": "qwen3_vl",
     "llava_next": "llava_next",
+    "internvl": "intern_vl",
+    "gemma3": "gemma3",
+    "paligemma": "paligemma",
+    "pixtral": "pixtral",
+    "mistral3": "mistral_small",
+    "glm4v": "glm4v",
+    "qwen3_vl_moe": "qwen3_vl",
+    "glm4v_moe": "glm4_5v",
+    "mllama": "mllama",
+    "video_llava": "video_llava",
+    "llava_next_video": "llava_next_video",
+    "llama4": "llama4",
+    "qwen3_5": "qwen3_5",
 }
 """Supported families, each mapped to the LLaMA-Factory ``template`` that trains it."""
 
@@ -503,12 +569,650 @@ def _build_llava_next() -> tuple[LlavaNextForConditionalGeneration, LlavaNextPro
     return LlavaNextForConditionalGeneration(config), processor
 
 
+_INTERNVL_IMAGE_SIZE = 4 * _PATCH_SIZE  # 4 x 4 patches, pixel-shuffled (downsample ratio 0.5) into 4 tokens
+_INTERNVL_SPECIAL_TOKENS = _QWEN2_VL_SPECIAL_TOKENS + ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+
+
+def _build_internvl() -> tuple[InternVLForConditionalGeneration, InternVLProcessor]:
+    """InternVL (the transformers port): an InternViT on one 56 x 56 tile per image, pixel-shuffled into 4
+    ``<IMG_CONTEXT>`` tokens between ``<img>`` and ``</img>``, in front of a Qwen2 with Qwen's chat tokens."""
+    bpe = _train_tokenizer(_INTERNVL_SPECIAL_TOKENS)
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        extra_special_tokens={
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+    )
+    text_config = {
+        **_TEXT,
+        "model_type": "qwen2",
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": _MAX_POSITIONS,
+        "bos_token_id": None,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision_config = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": [_INTERNVL_IMAGE_SIZE] * 2,
+        "patch_size": [_PATCH_SIZE] * 2,
+    }
+    image_tokens = (_INTERNVL_IMAGE_SIZE // _PATCH_SIZE // 2) ** 2
+    config = InternVLConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=image_tokens,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
+    )
+    size = {"height": _INTERNVL_IMAGE_SIZE, "width": _INTERNVL_IMAGE_SIZE}
+    processor = InternVLProcessor(
+        image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=False),
+        tokenizer=tokenizer,
+        video_processor=InternVLVideoProcessor(size=size),
+        image_seq_length=image_tokens,
+    )
+    return InternVLForConditionalGeneration(config), processor
+
+
+def _special_tokenizer(special_tokens: list[str], **tokens: object) -> PreTrainedTokenizerFast:
+    """A byte-level BPE whose first ids are ``special_tokens``; ``tokens`` name its eos, pad, bos, unk and
+    ``extra_special_tokens`` (LLaMA-Factory's templates add bos themselves, so the tokenizer never does)."""
+    bpe = _train_tokenizer(special_tokens)
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, **{"unk_token": None, **tokens})
+
+
+def _text_sizes(tokenizer: PreTrainedTokenizerFast) -> dict:
+    """The shared tiny text-model sizes, with the tokenizer's vocabulary and special ids."""
+    return {
+        **_TEXT,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": _MAX_POSITIONS,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+_SIGLIP_IMAGE_SIZE = 4 * _PATCH_SIZE  # 4 x 4 patches
+_SIGLIP_VISION = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": _SIGLIP_IMAGE_SIZE,
+    "patch_size": _PATCH_SIZE,
+}
+_GEMMA_SPECIAL_TOKENS = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+]
+
+
+def _gemma_text(tokenizer: PreTrainedTokenizerFast) -> dict:
+    """A two-layer Gemma 3 text model: one sliding-window layer, one global, as Gemma 3 alternates them."""
+    head_dim = _TEXT["hidden_size"] // _TEXT["num_attention_heads"]
+    return {
+        **_text_sizes(tokenizer),
+        "head_dim": head_dim,
+        "query_pre_attn_scalar": head_dim,
+        "sliding_window": 16,
+        "layer_types": ["sliding_attention", "full_attention"],
+    }
+
+
+def _build_gemma3() -> tuple[Gemma3ForConditionalGeneration, Gemma3Processor]:
+    """Gemma 3: SigLIP on 56 x 56 images (4 x 4 patches, average-pooled to 4 soft tokens between
+    ``<start_of_image>`` and ``<end_of_image>``), a Gemma 3 text model with bidirectional attention on images."""
+    tokenizer = _special_tokenizer(
+        _GEMMA_SPECIAL_TOKENS,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        },
+    )
+    image_tokens = 4
+    config = Gemma3Config(
+        text_config=_gemma_text(tokenizer),
+        vision_config=_SIGLIP_VISION,
+        mm_tokens_per_image=image_tokens,
+        boi_token_index=tokenizer.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image_soft_token>"),
+    )
+    model = Gemma3ForConditionalGeneration(config)
+    # Gemma 3 initialises its image projection with zeros, which would make every image look the same.
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.5)
+    image_processor = Gemma3ImageProcessor(size={"height": _SIGLIP_IMAGE_SIZE, "width": _SIGLIP_IMAGE_SIZE})
+    return model, Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=image_tokens)
+
+
+def _build_paligemma() -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
+    """PaliGemma: SigLIP on 56 x 56 images, 16 image tokens prefixed to the prompt, a Gemma text model
+    attending bidirectionally over image and prompt."""
+    tokenizer = _special_tokenizer(
+        _GEMMA_SPECIAL_TOKENS[:4] + ["<image>"],
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    image_tokens = (_SIGLIP_IMAGE_SIZE // _PATCH_SIZE) ** 2
+    head_dim = _TEXT["hidden_size"] // _TEXT["num_attention_heads"]
+    text_config = {**_text_sizes(tokenizer), "model_type": "gemma", "head_dim": head_dim}
+    config = PaliGemmaConfig(
+        text_config=text_config,
+        vision_config={**_SIGLIP_VISION, "projection_dim": _TEXT["hidden_size"]},
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projection_dim=_TEXT["hidden_size"],
+        hidden_size=_TEXT["hidden_size"],
+    )
+    image_processor = SiglipImageProcessor(size={"height": _SIGLIP_IMAGE_SIZE, "width": _SIGLIP_IMAGE_SIZE})
+    image_processor.image_seq_length = image_tokens
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return PaliGemmaForConditionalGeneration(config), processor
+
+
+_MISTRAL_SPECIAL_TOKENS = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[IMG]",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[TOOL_CALLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "<pad>",
+]
+_PIXTRAL_LONGEST_EDGE = 4 * _PATCH_SIZE
+
+
+def _pixtral_parts(spatial_merge_size: int) -> tuple[PreTrainedTokenizerFast, dict, dict, PixtralProcessor]:
+    """Tokenizer, Mistral text config, Pixtral vision config and processor shared by Pixtral and Mistral 3.
+
+    A 56 x 56 image is 4 x 4 patches; each row of image tokens ends in ``[IMG_BREAK]``, the last in ``[IMG_END]``.
+    """
+    tokenizer = _special_tokenizer(
+        _MISTRAL_SPECIAL_TOKENS,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "[IMG]"},
+    )
+    text_config = {**_text_sizes(tokenizer), "model_type": "mistral", "sliding_window": None}
+    head_dim = 64 // 4
+    vision_config = {
+        "model_type": "pixtral",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "head_dim": head_dim,
+        "image_size": _PIXTRAL_LONGEST_EDGE,
+        "patch_size": _PATCH_SIZE,
+    }
+    image_processor = PixtralImageProcessor(
+        size={"longest_edge": _PIXTRAL_LONGEST_EDGE}, patch_size=_PATCH_SIZE * spatial_merge_size
+    )
+    processor = PixtralProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=_PATCH_SIZE,
+        spatial_merge_size=spatial_merge_size,
+    )
+    return tokenizer, text_config, vision_config, processor
+
+
+def _build_pixtral() -> tuple[LlavaForConditionalGeneration, PixtralProcessor]:
+    """Pixtral (a LLaVA with a Pixtral vision encoder, variable image sizes, one token per patch) before a Mistral."""
+    tokenizer, text_config, vision_config, processor = _pixtral_parts(spatial_merge_size=1)
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+    )
+    return LlavaForConditionalGeneration(config), processor
+
+
+def _build_mistral3() -> tuple[Mistral3ForConditionalGeneration, PixtralProcessor]:
+    """Mistral 3 (Mistral-Small-3.1): a Pixtral vision encoder whose 2 x 2 patches are merged into one token."""
+    tokenizer, text_config, vision_config, processor = _pixtral_parts(spatial_merge_size=2)
+    config = Mistral3Config(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+    )
+    return Mistral3ForConditionalGeneration(config), processor
+
+
+_GLM4V_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "[gMASK]",
+    "<sop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+    "<|image|>",
+    "<|video|>",
+    "<think>",
+    "</think>",
+    "<answer>",
+    "</answer>",
+]
+
+
+def _build_glm4v() -> tuple[Glm4vForConditionalGeneration, Glm4vProcessor]:
+    """GLM-4.1V: Qwen2-VL-like dynamic resolution (14-pixel patches, 2 x 2 merged) with learned, interpolated
+    position embeddings; a GLM-4 text model with partial rotary M-RoPE; a 56 x 56 image becomes 4 tokens."""
+    tokenizer = _special_tokenizer(
+        _GLM4V_SPECIAL_TOKENS,
+        eos_token="<|user|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|image|>", "video_token": "<|video|>"},
+    )
+    head_dim = _TEXT["hidden_size"] // _TEXT["num_attention_heads"]
+    rotary = head_dim // 2  # partial_rotary_factor 0.5, as GLM-4.1V
+    text_config = {
+        **_text_sizes(tokenizer),
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 1e4,
+            "partial_rotary_factor": 0.5,
+            "mrope_section": _mrope_section(rotary),
+        },
+    }
+    text_config.pop("bos_token_id")
+    text_config.pop("eos_token_id")
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in _GLM4V_TOKEN_IDS.items()}
+    config = Glm4vConfig(
+        text_config=text_config,
+        vision_config={
+            "depth": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_heads": 4,
+            "image_size": 4 * _PATCH_SIZE,
+            "patch_size": _PATCH_SIZE,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": _TEXT["hidden_size"],
+        },
+        **ids,
+    )
+    pixels = {
+        "size": {"shortest_edge": SMALL_IMAGE_PIXELS["min_pixels"], "longest_edge": SMALL_IMAGE_PIXELS["max_pixels"]}
+    }
+    processor = Glm4vProcessor(
+        image_processor=Glm4vImageProcessor(**pixels),
+        tokenizer=tokenizer,
+        video_processor=Glm4vVideoProcessor(**pixels),
+    )
+    return Glm4vForConditionalGeneration(config), processor
+
+
+_GLM4V_TOKEN_IDS = {
+    "image_token_id": "<|image|>",
+    "video_token_id": "<|video|>",
+    "image_start_token_id": "<|begin_of_image|>",
+    "image_end_token_id": "<|end_of_image|>",
+    "video_start_token_id": "<|begin_of_video|>",
+    "video_end_token_id": "<|end_of_video|>",
+}
+
+
+def _build_qwen3_vl_moe() -> tuple[Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor]:
+    """Qwen3-VL MoE: Qwen3-VL's vision tower and processor before a text model of 4 experts, 2 active per token."""
+    dense, processor = _build_qwen3_vl()
+    text_config = dense.config.text_config.to_dict()
+    for key in ("model_type", "architectures", "dtype", "transformers_version"):
+        text_config.pop(key, None)
+    text_config.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, decoder_sparse_step=1)
+    config = Qwen3VLMoeConfig(
+        text_config=text_config,
+        vision_config={**dense.config.vision_config.to_dict(), "model_type": "qwen3_vl_moe"},
+        **_qwen_token_ids(processor.tokenizer),
+    )
+    return Qwen3VLMoeForConditionalGeneration(config), processor
+
+
+def _build_glm4v_moe() -> tuple[Glm4vMoeForConditionalGeneration, Glm4vProcessor]:
+    """GLM-4.5V: GLM-4.1V's vision tower and processor before a text model of 4 routed experts (2 active per
+    token) and a shared one, the first layer dense."""
+    dense, processor = _build_glm4v()
+    text_config = {
+        key: value
+        for key, value in dense.config.text_config.to_dict().items()
+        if key not in ("model_type", "architectures", "dtype", "transformers_version")
+    }
+    text_config.update(
+        num_key_value_heads=_TEXT["num_key_value_heads"],
+        moe_intermediate_size=64,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+    )
+    vision_config = {**dense.config.vision_config.to_dict(), "model_type": "glm4v_moe_vision"}
+    ids = {name: getattr(dense.config, name) for name in _GLM4V_TOKEN_IDS}
+    config = Glm4vMoeConfig(text_config=text_config, vision_config=vision_config, **ids)
+    return Glm4vMoeForConditionalGeneration(config), processor
+
+
+_LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|python_tag|>",
+    "<|finetune_right_pad_id|>",
+    "<|image|>",
+]
+_MLLAMA_TILE_SIZE = 2 * _PATCH_SIZE  # a 56 x 56 image fills 2 x 2 tiles of 2 x 2 patches
+
+
+def _build_mllama() -> tuple[MllamaForConditionalGeneration, MllamaProcessor]:
+    """Llama 3.2 Vision (Mllama): a tiled vision encoder whose features reach the text model only through
+    cross-attention layers; one ``<|image|>`` token per image in the text."""
+    tokenizer = _special_tokenizer(
+        _LLAMA3_SPECIAL_TOKENS,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",
+        pad_token="<|finetune_right_pad_id|>",
+        extra_special_tokens={"image_token": "<|image|>"},
+    )
+    max_tiles = 4
+    vision_config = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_global_layers": 1,
+        "attention_heads": 4,
+        "intermediate_layers_indices": [0],
+        "vision_output_dim": 2 * 64,  # the last hidden state and one intermediate layer, concatenated
+        "image_size": _MLLAMA_TILE_SIZE,
+        "patch_size": _PATCH_SIZE,
+        "max_num_tiles": max_tiles,
+        "supported_aspect_ratios": [[1, 1], [1, 2], [2, 1], [1, 3], [3, 1], [1, 4], [2, 2], [4, 1]],
+    }
+    text_config = {**_text_sizes(tokenizer), "cross_attention_layers": [1]}
+    config = MllamaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"),
+    )
+    image_processor = MllamaImageProcessor(
+        size={"height": _MLLAMA_TILE_SIZE, "width": _MLLAMA_TILE_SIZE}, max_image_tiles=max_tiles
+    )
+    model = MllamaForConditionalGeneration(config)
+    # The cross-attention gates start closed (tanh(0) = 0), which would hide every image from the text model.
+    for name, param in model.named_parameters():
+        if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+            torch.nn.init.constant_(param, 1.0)
+    return model, MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+_LLAVA_VIDEO_SPECIAL_TOKENS = _LLAVA_SPECIAL_TOKENS + ["<video>"]
+
+
+def _llava_video_tokenizer() -> PreTrainedTokenizerFast:
+    """LLaVA-1.5's tokenizer with a ``<video>`` token, as the video LLaVAs have."""
+    return _special_tokenizer(
+        _LLAVA_VIDEO_SPECIAL_TOKENS,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+    )
+
+
+def _llava_text_and_vision(tokenizer: PreTrainedTokenizerFast) -> tuple[dict, dict]:
+    """LLaVA-1.5's tiny CLIP (28 x 28 images, 2 x 2 patches + CLS) and Llama, as configs."""
+    vision = {
+        "model_type": "clip_vision_model",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": _LLAVA_IMAGE_SIZE,
+        "patch_size": _PATCH_SIZE,
+        "projection_dim": 64,
+    }
+    return {**_text_sizes(tokenizer), "model_type": "llama"}, vision
+
+
+def _build_video_llava() -> tuple[VideoLlavaForConditionalGeneration, VideoLlavaProcessor]:
+    """Video-LLaVA: one CLIP tower for images and one for videos in front of a Llama; images as in LLaVA-1.5."""
+    tokenizer = _llava_video_tokenizer()
+    text_config, vision_config = _llava_text_and_vision(tokenizer)
+    config = VideoLlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_seq_length=(_LLAVA_IMAGE_SIZE // _PATCH_SIZE) ** 2,
+        video_seq_length=8 * ((_LLAVA_IMAGE_SIZE // _PATCH_SIZE) ** 2 + 1),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    processor = VideoLlavaProcessor(
+        image_processor=VideoLlavaImageProcessor(
+            size={"shortest_edge": _LLAVA_IMAGE_SIZE},
+            crop_size={"height": _LLAVA_IMAGE_SIZE, "width": _LLAVA_IMAGE_SIZE},
+        ),
+        video_processor=VideoLlavaVideoProcessor(
+            size={"shortest_edge": _LLAVA_IMAGE_SIZE},
+            crop_size={"height": _LLAVA_IMAGE_SIZE, "width": _LLAVA_IMAGE_SIZE},
+        ),
+        tokenizer=tokenizer,
+        patch_size=_PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return VideoLlavaForConditionalGeneration(config), processor
+
+
+def _build_llava_next_video() -> tuple[LlavaNextVideoForConditionalGeneration, LlavaNextVideoProcessor]:
+    """LLaVA-NeXT-Video: LLaVA-NeXT's any-resolution images, plus pooled video frames, before a Llama."""
+    tokenizer = _llava_video_tokenizer()
+    text_config, vision_config = _llava_text_and_vision(tokenizer)
+    config = LlavaNextVideoConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=_LLAVA_NEXT_PINPOINTS,
+        image_seq_length=(_LLAVA_IMAGE_SIZE // _PATCH_SIZE) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        spatial_pool_stride=2,
+    )
+    size = {
+        "size": {"shortest_edge": _LLAVA_IMAGE_SIZE},
+        "crop_size": {"height": _LLAVA_IMAGE_SIZE, "width": _LLAVA_IMAGE_SIZE},
+    }
+    processor = LlavaNextVideoProcessor(
+        image_processor=LlavaNextImageProcessor(**size, image_grid_pinpoints=_LLAVA_NEXT_PINPOINTS),
+        video_processor=LlavaNextVideoVideoProcessor(**size),
+        tokenizer=tokenizer,
+        patch_size=_PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    return LlavaNextVideoForConditionalGeneration(config), processor
+
+
+_LLAMA4_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|header_start|>",
+    "<|header_end|>",
+    "<|eot|>",
+    "<|eom|>",
+    "<|finetune_right_pad|>",
+    "<|image_start|>",
+    "<|image_end|>",
+    "<|image|>",
+    "<|patch|>",
+    "<|tile_x_separator|>",
+    "<|tile_y_separator|>",
+]
+_LLAMA4_TILE_SIZE = 4 * _PATCH_SIZE  # a 56 x 56 image is one tile of 4 x 4 patches, pixel-shuffled into 4 tokens
+
+
+def _build_llama4() -> tuple[Llama4ForConditionalGeneration, Llama4Processor]:
+    """Llama 4: a vision encoder with 2-D rotary patches and pixel shuffle before a mixture-of-experts text model
+    (2 experts, 1 active, and a shared one); an image is ``<|image_start|><|image|>`` and its ``<|patch|>`` tokens.
+
+    Its image processor returns bfloat16 pixels, as Meta's code does, so the model trains in bfloat16 only.
+    """
+    tokenizer = _special_tokenizer(
+        _LLAMA4_SPECIAL_TOKENS,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot|>",
+        pad_token="<|finetune_right_pad|>",
+    )
+    head_dim = _TEXT["hidden_size"] // _TEXT["num_attention_heads"]
+    text_config = {
+        **_text_sizes(tokenizer),
+        "intermediate_size_mlp": _TEXT["intermediate_size"],
+        "head_dim": head_dim,
+        "num_local_experts": 2,
+        "num_experts_per_tok": 1,
+        "attention_chunk_size": _MAX_POSITIONS,
+    }
+    vision_hidden, shuffle_ratio = 64, 0.5
+    vision_config = {
+        "hidden_size": vision_hidden,
+        "intermediate_size": int(vision_hidden / shuffle_ratio**2),  # the pixel-shuffled width, as in Llama 4
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": _LLAMA4_TILE_SIZE,
+        "patch_size": _PATCH_SIZE,
+        "pixel_shuffle_ratio": shuffle_ratio,
+        "projector_input_dim": _TEXT["hidden_size"],
+        "projector_output_dim": _TEXT["hidden_size"],
+        "vision_output_dim": _TEXT["hidden_size"],
+    }
+    config = Llama4Config(
+        vision_config=vision_config,
+        text_config=text_config,
+        boi_token_index=tokenizer.convert_tokens_to_ids("<|image_start|>"),
+        eoi_token_index=tokenizer.convert_tokens_to_ids("<|image_end|>"),
+        image_token_index=tokenizer.convert_tokens_to_ids("<|patch|>"),
+    )
+    processor = Llama4Processor(
+        image_processor=Llama4ImageProcessor(
+            size={"height": _LLAMA4_TILE_SIZE, "width": _LLAMA4_TILE_SIZE}, max_patches=4
+        ),
+        tokenizer=tokenizer,
+        patch_size=_PATCH_SIZE,
+        pixel_shuffle_ratio=shuffle_ratio,
+        fake_image_token="<|image|>",
+        image_token="<|patch|>",
+    )
+    model = Llama4ForConditionalGeneration(config)
+    # A strong image signal: the model runs in bfloat16 (see above), whose rounding would drown a faint one.
+    torch.nn.init.normal_(model.multi_modal_projector.linear_1.weight, std=0.5)
+    return model, processor
+
+
+def _build_qwen3_5() -> tuple[Qwen3_5ForConditionalGeneration, Qwen3VLProcessor]:
+    """Qwen3.5: Qwen3-VL's vision tower (without deepstack) and processor before a hybrid text model, one
+    gated-delta-net linear-attention layer and one full-attention layer with partial rotary M-RoPE."""
+    dense, processor = _build_qwen3_vl()
+    tokenizer = processor.tokenizer
+    head_dim = _TEXT["hidden_size"] // _TEXT["num_attention_heads"]
+    text_config = {
+        **_text_sizes(tokenizer),
+        "head_dim": head_dim,
+        "layer_types": ["linear_attention", "full_attention"],
+        "linear_key_head_dim": head_dim,
+        "linear_value_head_dim": head_dim,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 1e7,
+            "partial_rotary_factor": 0.25,
+            "mrope_interleaved": True,
+            "mrope_section": _mrope_section(head_dim // 4),
+        },
+    }
+    text_config.pop("bos_token_id")
+    vision_config = {
+        key: value
+        for key, value in dense.config.vision_config.to_dict().items()
+        if key not in ("model_type", "deepstack_visual_indexes", "architectures", "dtype", "transformers_version")
+    }
+    config = Qwen3_5Config(text_config=text_config, vision_config=vision_config, **_qwen_token_ids(tokenizer))
+    return Qwen3_5ForConditionalGeneration(config), processor
+
+
 _BUILDERS = {
     "qwen2_vl": _build_qwen2_vl,
     "llava": _build_llava,
     "qwen2_5_vl": _build_qwen2_5_vl,
     "qwen3_vl": _build_qwen3_vl,
     "llava_next": _build_llava_next,
+    "internvl": _build_internvl,
+    "gemma3": _build_gemma3,
+    "paligemma": _build_paligemma,
+    "pixtral": _build_pixtral,
+    "mistral3": _build_mistral3,
+    "glm4v": _build_glm4v,
+    "qwen3_vl_moe": _build_qwen3_vl_moe,
+    "glm4v_moe": _build_glm4v_moe,
+    "mllama": _build_mllama,
+    "video_llava": _build_video_llava,
+    "llava_next_video": _build_llava_next_video,
+    "llama4": _build_llama4,
+    "qwen3_5": _build_qwen3_5,
 }
 
 

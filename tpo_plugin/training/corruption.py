@@ -87,7 +87,9 @@ class ImageCorrupter:
             self.processor,
         )
         mm_inputs = {key: _repeat_rows(value) for key, value in chosen_inputs.items()}
-        for text_level_key in ("token_type_ids", "mm_token_type_ids"):  # identical to the clean batch's
+        # Built from the token ids (and image sizes), so the clean batch's hold; Mllama's cross_attention_mask from
+        # the padded chosen rows here would also cover their padding.
+        for text_level_key in ("token_type_ids", "mm_token_type_ids", "cross_attention_mask"):
             mm_inputs.pop(text_level_key, None)
 
         _check_same_layout(mm_inputs, batch)

@@ -20,15 +20,32 @@ autograd sums both uses.
 """
 
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
 
-# Families whose ``get_image_features`` takes image tensors stacked along dim 0 (pixels or patches, grids,
-# sizes) and whose forward reads only ``pooler_output`` (and Qwen3-VL's ``deepstack_features``) from it.
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava", "internvl")
+# Families whose ``get_image_features`` takes image tensors stacked along dim 0 (pixels, tiles or patches, grids,
+# sizes) and whose forward reads only ``pooler_output`` (and Qwen3-VL's ``deepstack_features``) from it. Each is
+# trained in ``tests/test_families.py``, which counts the encodings.
+SUPPORTED_MODEL_TYPES = (
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "qwen3_vl_moe",
+    "llava",
+    "llava_next",
+    "internvl",
+    "gemma3",
+    "paligemma",
+    "mistral3",
+    "glm4v",
+    "glm4v_moe",
+    "qwen3_5",
+    "video_llava",
+    "llava_next_video",
+)
 
 
 @dataclass
@@ -63,11 +80,18 @@ def join_block_features(blocks: list[Any]) -> Any:
     dim 0); Qwen3-VL's ``deepstack_features`` lists per layer a tensor of all image tokens along dim 0.
     """
     first = blocks[0]
-    fields = {"pooler_output": _join_images([block.pooler_output for block in blocks])}
+    joined_fields = {"pooler_output": _join_images([block.pooler_output for block in blocks])}
     if getattr(first, "deepstack_features", None) is not None:
         per_layer = zip(*(block.deepstack_features for block in blocks), strict=True)
-        fields["deepstack_features"] = [torch.cat(layer) for layer in per_layer]
-    return type(first)(**fields)
+        joined_fields["deepstack_features"] = [torch.cat(layer) for layer in per_layer]
+    # LLaVA sets ``pooler_output`` as a plain attribute on an output type that lacks the field (Pixtral's
+    # ``BaseModelOutput``): such fields are set the same way here.
+    declared = {field.name for field in fields(type(first))}
+    joined = type(first)(**{name: value for name, value in joined_fields.items() if name in declared})
+    for name, value in joined_fields.items():
+        if name not in declared:
+            setattr(joined, name, value)
+    return joined
 
 
 def _join_images(features: list[Any]) -> Any:
