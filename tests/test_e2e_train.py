@@ -50,7 +50,13 @@ def test_qwen2_vl_lora_yaml_with_overrides_and_eval(model_dirs, dataset_dir, tmp
     result = run_cli(["train", str(recipe), "tpo_noise_step=250", "pref_loss=hinge"], cwd=tmp_path)
 
     assert "noise_step=250" in result.stdout + result.stderr and "pref_loss=hinge" in result.stdout + result.stderr
-    assert_tpo_logged(output_dir, steps=2)
+    logs = assert_tpo_logged(output_dir, steps=2)
+    # The stability monitor: at step 1 the fresh LoRA adapter is zero, so the policy is the reference (same
+    # noise): no drift and no weight term; after one update both have moved.
+    first, second = logs
+    assert first["tpo/score_drift_chosen"] == 0.0 and first["tpo/score_drift_rejected"] == 0.0
+    assert first["tpo/weight_term_share"] == 0.0
+    assert second["tpo/score_drift_chosen"] != 0.0 and 0.0 < second["tpo/weight_term_share"] < 1.0
     for name in [
         "adapter_model.safetensors",
         "adapter_config.json",
@@ -61,6 +67,7 @@ def test_qwen2_vl_lora_yaml_with_overrides_and_eval(model_dirs, dataset_dir, tmp
         "training_rewards_accuracies.png",
         "training_tpo_score_chosen.png",
         "training_tpo_weight_rejected.png",
+        "training_tpo_weight_term_share.png",
         "training_eval_loss.png",
     ]:
         assert (output_dir / name).is_file(), name

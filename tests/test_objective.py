@@ -12,11 +12,13 @@ import torch
 from tpo_plugin.method.objective import (
     IGNORE_INDEX,
     TokenScores,
+    clip_log_weight_change,
     first_scored_position,
     log_token_weight,
     preference_losses,
     target_token_scores,
     tpo_batch_loss,
+    weight_term_share,
 )
 
 
@@ -354,3 +356,90 @@ def test_chunked_token_scores_equal_full_log_softmax_values_and_gradients(dtype,
     torch.testing.assert_close(scores.logp.double(), expected_logp, rtol=1e-5, atol=1e-5)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(chunked_grad.double(), logits.grad.double(), rtol=tolerance, atol=tolerance)
+
+
+def hand_log_weights(clean, corrupted, row):
+    """log c_i of one row's response tokens (row 0 chosen, row 1 rejected; offset 0.5)."""
+    weights = []
+    for i, in_response in enumerate(MASK[row]):
+        if in_response:
+            score = clean[row][i] - corrupted[row][i]
+            weights.append(math.log(0.5 + (sigmoid(score) if row == 0 else 1.0 - sigmoid(score))))
+    return weights
+
+
+def test_clip_log_weight_change_bounds_the_change_and_its_gradient():
+    policy = torch.tensor([0.30, -0.20, 0.02, -0.60], requires_grad=True)
+    ref = torch.tensor([0.10, 0.10, 0.00, -0.65])
+    clipped = clip_log_weight_change(policy, ref, bound=0.1)
+    # changes 0.2, -0.3, 0.02, 0.05: the first two are cut to +-0.1, the others kept
+    assert clipped.tolist() == pytest.approx([0.20, 0.00, 0.02, -0.60])
+    clipped.sum().backward()
+    assert policy.grad.tolist() == [0.0, 0.0, 1.0, 1.0]  # past the bound, no reward for moving further
+
+
+def test_weight_term_share_against_hand_computation():
+    share = weight_term_share(torch.tensor([0.5, -1.5]), torch.tensor([2.0, 1.0]))
+    assert share.item() == pytest.approx((0.5 + 1.5) / (0.5 + 1.5 + 2.0 + 1.0))
+    assert weight_term_share(torch.zeros(2), torch.zeros(2)).item() == 0.0  # policy still equals the reference
+
+
+def test_monitor_values_of_the_batch_loss_against_hand_computation():
+    result = tpo_batch_loss(
+        token_scores(POLICY_CLEAN_LOGIT, POLICY_CLEAN_LOGP),
+        token_scores(POLICY_CORRUPT_LOGIT, POLICY_CORRUPT_LOGP),
+        token_scores(REF_CLEAN_LOGIT, REF_CLEAN_LOGP),
+        token_scores(REF_CORRUPT_LOGIT, REF_CORRUPT_LOGP),
+        torch.tensor([True, True]),
+    )
+    for row in (0, 1):
+        for i, in_response in enumerate(MASK[row]):
+            policy_score = POLICY_CLEAN_LOGIT[row][i] - POLICY_CORRUPT_LOGIT[row][i]
+            ref_score = REF_CLEAN_LOGIT[row][i] - REF_CORRUPT_LOGIT[row][i]
+            expected = policy_score - ref_score if in_response else 0.0
+            assert result.score_drift[row, i].item() == pytest.approx(expected, abs=1e-6), (row, i)
+
+    # the margin's two parts: chosen minus rejected sum (log c^theta - log c^ref), and the same of log p
+    weight_part, logp_part = [], []
+    for row in (0, 1):
+        policy_weights = hand_log_weights(POLICY_CLEAN_LOGIT, POLICY_CORRUPT_LOGIT, row)
+        ref_weights = hand_log_weights(REF_CLEAN_LOGIT, REF_CORRUPT_LOGIT, row)
+        weight_part.append(sum(policy_weights) - sum(ref_weights))
+        logp_part.append(
+            sum(p - r for p, r, m in zip(POLICY_CLEAN_LOGP[row], REF_CLEAN_LOGP[row], MASK[row], strict=True) if m)
+        )
+    weight_margin, logp_margin = weight_part[0] - weight_part[1], logp_part[0] - logp_part[1]
+    expected_share = abs(weight_margin) / (abs(weight_margin) + abs(logp_margin))
+    assert result.weight_term_share.item() == pytest.approx(expected_share, rel=1e-5)
+    assert 0.0 < expected_share < 1.0
+
+
+@pytest.mark.parametrize("bound", [0.05, 0.2])
+def test_weight_clip_bounds_each_tokens_weight_change_in_the_margin(bound):
+    policy_corrupted = token_scores(POLICY_CORRUPT_LOGIT, POLICY_CORRUPT_LOGP, requires_grad=True)
+    beta = 0.1
+    result = tpo_batch_loss(
+        token_scores(POLICY_CLEAN_LOGIT, POLICY_CLEAN_LOGP),
+        policy_corrupted,
+        token_scores(REF_CLEAN_LOGIT, REF_CLEAN_LOGP),
+        token_scores(REF_CORRUPT_LOGIT, REF_CORRUPT_LOGP),
+        torch.tensor([True, True]),
+        beta=beta,
+        weight_clip=bound,
+    )
+    logratio, free = [], []
+    for row in (0, 1):
+        policy_weights = hand_log_weights(POLICY_CLEAN_LOGIT, POLICY_CORRUPT_LOGIT, row)
+        ref_weights = hand_log_weights(REF_CLEAN_LOGIT, REF_CORRUPT_LOGIT, row)
+        changes = [p - r for p, r in zip(policy_weights, ref_weights, strict=True)]
+        free.append([abs(change) < bound for change in changes])
+        logps = [p - r for p, r, m in zip(POLICY_CLEAN_LOGP[row], REF_CLEAN_LOGP[row], MASK[row], strict=True) if m]
+        logratio.append(sum(logps) + sum(max(-bound, min(bound, change)) for change in changes))
+    margin = beta * (logratio[0] - logratio[1])
+    assert result.losses.item() == pytest.approx(-log_sigmoid(margin), rel=1e-5)
+    # only tokens inside the bound pass gradient to the policy's corrupted logits
+    result.losses.sum().backward()
+    for row in (0, 1):
+        grads = policy_corrupted.logit.grad[row, : sum(MASK[row])].tolist()
+        assert [grad != 0.0 for grad in grads] == free[row], (row, grads)
+    assert any(any(row) for row in free) and not all(all(row) for row in free)  # the case tests both kinds

@@ -41,6 +41,7 @@ TPO_UI_VALUES = {
     "tpo_score": "logprob",
     "tpo_detach_reward": True,
     "tpo_weighting": "multiplicative",
+    "tpo_weight_clip": 0.05,
     "tpo_noise_per": "sample",
     "tpo_precompute_ref": True,
     "tpo_allow_changed_settings": True,
@@ -423,6 +424,7 @@ def test_tpo_trains_from_the_web_ui(page, model_dirs, tmp_path):
     choose(page, "Visual score", TPO_UI_VALUES["tpo_score"])
     page.get_by_role("checkbox", name=re.compile("^Detach reward")).check()
     choose(page, "Token weighting", TPO_UI_VALUES["tpo_weighting"])
+    set_number(page, "Weight-change bound", TPO_UI_VALUES["tpo_weight_clip"])
     choose(page, "Noise drawn per", TPO_UI_VALUES["tpo_noise_per"])
     page.get_by_role("checkbox", name=re.compile("^Precompute reference scores")).check()
     page.get_by_role("checkbox", name=re.compile("^Allow changed settings on resume")).check()

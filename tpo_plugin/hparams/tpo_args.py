@@ -75,6 +75,15 @@ class TPOArguments:
             "Default log_additive."
         },
     )
+    tpo_weight_clip: float = field(
+        default=0.0,
+        metadata={
+            "help": "Guard against TPO's run-away: bound each token's log c^theta - log c^ref to +-this value, so "
+            "the policy is no longer rewarded for inflating its visual scores past it (log_additive only: the "
+            "multiplicative weights have no gradient to bound); a float >= 0, 0 turns it off (TPO_METHOD §4). "
+            "Default 0."
+        },
+    )
     tpo_noise_per: Literal["step", "sample"] = field(
         default="step",
         metadata={
@@ -125,6 +134,11 @@ class TPOArguments:
         if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not offset >= 0:
             raise ValueError(f"`tpo_reward_offset` must be a number >= 0, got {offset!r}.")
         self.tpo_reward_offset = float(offset)
+
+        clip = self.tpo_weight_clip
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:
+            raise ValueError(f"`tpo_weight_clip` must be a number >= 0 (0: off), got {clip!r}.")
+        self.tpo_weight_clip = float(clip)
 
         if not isinstance(self.tpo_detach_reward, bool):
             raise ValueError(f"`tpo_detach_reward` must be true or false, got {self.tpo_detach_reward!r}.")

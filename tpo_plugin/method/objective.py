@@ -172,6 +172,31 @@ def preference_losses(
     raise ValueError(f"Unknown TPO loss type {loss_type!r}; expected sigmoid, hinge or ipo.")
 
 
+def clip_log_weight_change(
+    policy_log_weight: torch.Tensor, ref_log_weight: torch.Tensor, bound: float
+) -> torch.Tensor:
+    r"""``log c^ref + clamp(log c^theta - log c^ref, -bound, bound)`` per token (the ``tpo_weight_clip`` guard).
+
+    The weight term of the margin, ``sum (log c^theta - log c^ref)`` (TPO_METHOD §4), rewards the policy for
+    making its tokens more image-dependent, without limit: each token's share of that reward is bounded here
+    by ``bound > 0``, and a token past the bound gets no gradient through its weight, so the policy stops being
+    paid for inflating its visual scores further.
+    """
+    return ref_log_weight + (policy_log_weight - ref_log_weight).clamp(-bound, bound)
+
+
+def weight_term_share(weight_margin: torch.Tensor, logp_margin: torch.Tensor) -> torch.Tensor:
+    r"""Share of a batch's margins that comes from the token weights: ``sum |w| / sum (|w| + |p|)``.
+
+    Per pair, the log-ratio margin of TPO_METHOD §4 splits into ``w``, the chosen minus rejected
+    ``sum (log c^theta - log c^ref)``, and ``p``, the same difference of ``sum (log p^theta - log p^ref)``;
+    the share is 0 when the policy still equals the reference (both are 0).
+    """
+    weight_size, logp_size = weight_margin.abs().sum(), logp_margin.abs().sum()
+    total = weight_size + logp_size
+    return torch.where(total > 0, weight_size / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` over the true positions of ``mask`` (0 if there are none)."""
     return (values * mask).sum() / mask.sum().clamp_min(1)
@@ -230,6 +255,8 @@ class TPOBatchLoss(NamedTuple):
     rejected_logps: torch.Tensor  # (n,)
     visual_score: torch.Tensor  # (2n, T) the policy's s, 0 off the response and on image-less rows
     token_weight: torch.Tensor  # (2n, T) the policy's c, 1 where no weight applies
+    score_drift: torch.Tensor  # (2n, T) s^theta - s^ref; 0 where s is, and everywhere without ref_corrupted
+    weight_term_share: Optional[torch.Tensor]  # () share of the margins from the weights; None if multiplicative
 
 
 def tpo_batch_loss(
@@ -248,26 +275,38 @@ def tpo_batch_loss(
     offset: float = 0.5,
     detach_reward: bool = False,
     weighting: str = "log_additive",
+    weight_clip: float = 0.0,
 ) -> TPOBatchLoss:
     r"""The visual-aware DPO objective of a batch of n pairs (TPO_METHOD §4).
 
     ``log_additive`` (the paper's): policy and reference each weight their own tokens from their own clean
     and corrupted passes, ``sum [log p + log c]``; with ``detach_reward`` no gradient flows through the
-    policy's weights ``c^theta``. ``multiplicative``: ``sum c^theta * log p`` for policy and reference alike,
-    with ``c^theta`` detached; ``ref_corrupted`` is not used.
+    policy's weights ``c^theta``; ``weight_clip > 0`` bounds each token's ``log c^theta - log c^ref``
+    (:func:`clip_log_weight_change`). ``multiplicative``: ``sum c^theta * log p`` for policy and reference
+    alike, with ``c^theta`` detached; ``ref_corrupted`` is not used by the loss (only by the score drift).
     """
     token_weighting = {"score_kind": score_kind, "reward_on": reward_on, "offset": offset}
     policy_score, policy_log_weight = token_visual_scores_and_log_weights(
         policy_clean, policy_corrupted, has_image, **token_weighting
     )
+    ref_score, ref_log_weight = token_visual_scores_and_log_weights(
+        ref_clean, ref_corrupted, has_image, **token_weighting
+    )
     mask, average = policy_clean.mask, loss_type == "ipo"
+    num_pairs = mask.size(0) // 2
+    share = None
     if weighting == "log_additive":
-        _, ref_log_weight = token_visual_scores_and_log_weights(ref_clean, ref_corrupted, has_image, **token_weighting)
         if detach_reward:
             policy_log_weight = policy_log_weight.detach()
+        if weight_clip > 0:
+            policy_log_weight = clip_log_weight_change(policy_log_weight, ref_log_weight, weight_clip)
         logratios = sequence_logps(policy_clean.logp, policy_log_weight, mask, average) - sequence_logps(
             ref_clean.logp, ref_log_weight, mask, average
         )
+        no_weight = torch.zeros_like(mask, dtype=policy_clean.logp.dtype)
+        weight_ratio = sequence_logps(no_weight, (policy_log_weight - ref_log_weight).detach(), mask, average)
+        logp_ratio = sequence_logps((policy_clean.logp - ref_clean.logp).detach(), no_weight, mask, average)
+        share = weight_term_share(*(ratio[:num_pairs] - ratio[num_pairs:] for ratio in (weight_ratio, logp_ratio)))
     elif weighting == "multiplicative":
         policy_log_weight = policy_log_weight.detach()
         token_weight = policy_log_weight.exp()
@@ -276,7 +315,6 @@ def tpo_batch_loss(
         )
     else:
         raise ValueError(f"Unknown TPO weighting {weighting!r}; expected log_additive or multiplicative.")
-    num_pairs = logratios.size(0) // 2
     chosen_logratios, rejected_logratios = logratios.split(num_pairs)
     losses = preference_losses(chosen_logratios, rejected_logratios, loss_type, beta, label_smoothing)
     if ftx > 0:  # LLaMA-Factory's pref_ftx: mean token NLL of the chosen answer
@@ -294,4 +332,6 @@ def tpo_batch_loss(
         rejected_logps=rejected_logps,
         visual_score=policy_score.detach(),
         token_weight=policy_log_weight.detach().exp(),
+        score_drift=torch.zeros_like(policy_score) if ref_corrupted is None else (policy_score - ref_score).detach(),
+        weight_term_share=share,
     )

@@ -406,6 +406,7 @@ class CustomTPOTrainer(CustomDPOTrainer):
             offset=args.tpo_reward_offset,
             detach_reward=args.tpo_detach_reward,
             weighting=args.tpo_weighting,
+            weight_clip=args.tpo_weight_clip,
         )
         if train_eval == "train":
             self._stop_unless_finite(result.losses, result.visual_score)
@@ -429,4 +430,9 @@ class CustomTPOTrainer(CustomDPOTrainer):
             "tpo/weight_chosen": masked_mean(result.token_weight[:num_pairs], mask[:num_pairs]),
             "tpo/weight_rejected": masked_mean(result.token_weight[num_pairs:], mask[num_pairs:]),
         }
+        if reference_weights_are_used(args):  # the reference's visual scores exist: the stability monitor
+            scored = mask & has_image.unsqueeze(-1)
+            metrics["tpo/score_drift_chosen"] = masked_mean(result.score_drift[:num_pairs], scored[:num_pairs])
+            metrics["tpo/score_drift_rejected"] = masked_mean(result.score_drift[num_pairs:], scored[num_pairs:])
+            metrics["tpo/weight_term_share"] = result.weight_term_share
         return result.losses.mean(), {f"{prefix}{key}": value.item() for key, value in metrics.items()}

@@ -38,6 +38,7 @@ from .run_settings import (
     report_whole_run_train_loss,
     write_settings,
 )
+from .stability import RunawayMonitor
 from .stopping import StopOnSignalCallback, any_rank
 
 
@@ -59,6 +60,9 @@ PLOT_KEYS = [
     "tpo/score_rejected",
     "tpo/weight_chosen",
     "tpo/weight_rejected",
+    "tpo/score_drift_chosen",
+    "tpo/score_drift_rejected",
+    "tpo/weight_term_share",
 ]
 
 
@@ -74,9 +78,15 @@ def run_tpo(
         f"corruption={finetuning_args.tpo_corruption}, reward_on={finetuning_args.tpo_reward_on}, "
         f"reward_offset={finetuning_args.tpo_reward_offset}, score={finetuning_args.tpo_score}, "
         f"detach_reward={finetuning_args.tpo_detach_reward}, weighting={finetuning_args.tpo_weighting}, "
+        f"weight_clip={finetuning_args.tpo_weight_clip}, "
         f"pref_loss={finetuning_args.pref_loss}, "
         f"pref_beta={finetuning_args.pref_beta}."
     )
+    if finetuning_args.tpo_weight_clip > 0 and finetuning_args.tpo_weighting != "log_additive":
+        logger.warning_rank0(
+            f"`tpo_weight_clip: {finetuning_args.tpo_weight_clip}` has no effect with `tpo_weighting: "
+            f"{finetuning_args.tpo_weighting}`: its token weights are detached, so there is no weight term to bound."
+        )
     check_ranking_datasets(data_args)
     resumed_step = check_resume(training_args, finetuning_args)  # a finished run or another objective: refused
     settings = objective_settings(finetuning_args, training_args)
@@ -126,6 +136,7 @@ def run_tpo(
         stop_on_signal = StopOnSignalCallback(trainer.accelerator)
         trainer.add_callback(stop_on_signal)
         trainer.add_callback(RecordSettingsCallback(settings))
+        trainer.add_callback(RunawayMonitor())  # silent where nothing is logged to watch (multiplicative)
         if reference_store is not None:
             trainer.add_callback(ReferenceScoresCallback(trainer, *reference_store))
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -54,6 +54,7 @@ def create_tpo_tab() -> dict[str, "Component"]:
                 tpo_score=gr.Dropdown(choices=list(SCORE_KINDS), value=defaults["tpo_score"]),
                 tpo_detach_reward=gr.Checkbox(value=defaults["tpo_detach_reward"]),
                 tpo_weighting=gr.Dropdown(choices=list(WEIGHTINGS), value=defaults["tpo_weighting"]),
+                tpo_weight_clip=gr.Number(minimum=0, step=0.01, value=defaults["tpo_weight_clip"]),
                 tpo_noise_per=gr.Dropdown(choices=list(NOISE_SCHEDULES), value=defaults["tpo_noise_per"]),
                 tpo_precompute_ref=gr.Checkbox(value=defaults["tpo_precompute_ref"]),
                 tpo_allow_changed_settings=gr.Checkbox(value=defaults["tpo_allow_changed_settings"]),
@@ -271,6 +272,30 @@ _TEXTS: dict[str, dict[str, tuple[str, ...]]] = {
             "トークン重みが応答スコアに入る方法：`log_additive`、Σ[log p + log c]（論文の方式）、または "
             "`multiplicative`、Σ c·log p（ポリシーの重みは勾配を流さず参照モデルにも適用され、各トークンの勾配を"
             "スケールする）。デフォルトは log_additive。",
+        ),
+    },
+    "tpo_weight_clip": {
+        "en": ("Weight-change bound", _english_help("tpo_weight_clip")),
+        "ru": (
+            "Предел изменения весов",
+            "Защита от разгона TPO: ограничивает log c^theta - log c^ref каждого токена величиной ±это значение, "
+            "чтобы политика не получала награду за дальнейшее раздувание визуальных оценок (только log_additive); "
+            "число >= 0, 0 отключает. По умолчанию 0.",
+        ),
+        "zh": (
+            "权重变化上限",
+            "防止 TPO 失控：把每个 token 的 log c^theta - log c^ref 限制在 ±该值之内，策略不再因继续放大视觉分数而"
+            "获得奖励（仅 log_additive）；取值 >= 0，0 表示关闭。默认 0。",
+        ),
+        "ko": (
+            "가중치 변화 한계",
+            "TPO 폭주 방지: 각 토큰의 log c^theta - log c^ref 를 ±이 값으로 제한하여, 정책이 시각 점수를 더 "
+            "부풀려도 보상받지 않게 합니다(log_additive 전용). 0 이상의 수, 0 은 끔. 기본값 0.",
+        ),
+        "ja": (
+            "重み変化の上限",
+            "TPO の暴走対策：各トークンの log c^theta - log c^ref を ±この値に制限し、ポリシーが視覚スコアを"
+            "さらに膨らませても報酬を得ないようにする（log_additive のみ）。0 以上の数、0 で無効。デフォルト 0。",
         ),
     },
     "tpo_noise_per": {
