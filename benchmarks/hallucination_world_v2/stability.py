@@ -156,6 +156,9 @@ def write_report(v2_runs: list[dict], runs: list[dict], path: Path, seconds: flo
         "## What runs away\n\n" + runaway_section(watched, is_collapsed, path),
         "## The monitor's thresholds\n\n" + monitor_section(thresholds, errors, calibration, held_out, is_collapsed),
         f"## The guard: `tpo_weight_clip: {WEIGHT_CLIP:g}`\n\n" + guard_section(everything, is_collapsed),
+        "## Added after the results: does DPO's chosen log-probability fall too?\n\nNot in the protocol. The "
+        "step at which the chosen answers' mean log-probability fell below twice its first logged value (—: never), "
+        "per world seed, from each run's training log.\n\n" + dpo_comparison(everything),
         "## Protocol\n\n```json\n"
         + json.dumps(
             {
@@ -329,8 +332,56 @@ def guard_section(runs: list[dict], is_collapsed) -> str:
             )
     return (
         "D: prior hallucination minus DPO's at matched object recall, mean over the recall levels common to dpo, tpo "
-        "and tpo_clip in each world (v2's rule; negative is better than DPO).\n\n" + "\n".join(lines)
+        "and tpo_clip in each world (v2's rule; negative is better than DPO).\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + guard_verdict(runs, is_collapsed, protocol)
     )
+
+
+def guard_verdict(runs: list[dict], is_collapsed, protocol) -> str:
+    """STABILITY_PROTOCOL.md's two questions about the guard, per world kind."""
+    lines = []
+    for kind in FULL.world_kinds:
+        tpo = {key: record for key, record in _by_key(runs, "tpo").items() if key[0] == kind}
+        clip = _by_key(runs, "tpo_clip")
+        still = [key for key, record in tpo.items() if is_collapsed(record) and is_collapsed(clip[key])]
+        removed = not still
+        differences = report.summary_differences(runs, protocol, kind, "recall")
+        tpo_mean, tpo_sd, _ = analysis.mean_spread(differences.get("tpo", []))
+        clip_mean, _, _ = analysis.mean_spread(differences.get("tpo_clip", []))
+        kept = clip_mean <= tpo_mean + tpo_sd
+        lines.append(
+            f"- {kind} world: removes the collapse (no tpo_clip run collapsed where tpo did): "
+            f"**{'yes' if removed else 'no'}**"
+            + ("" if removed else f" (still collapsed: {', '.join(f'seed {k[1]}, lr {k[2]:g}' for k in still)})")
+            + f"; keeps TPO's gain (mean D {clip_mean:+.3f} ≤ tpo's {tpo_mean:+.3f} + sd {tpo_sd:.3f}): "
+            f"**{'yes' if kept else 'no'}**."
+        )
+    return "\n".join(lines)
+
+
+def dpo_comparison(runs: list[dict]) -> str:
+    """Added after the results (not in the protocol): the NLL-doubled step of DPO's and detached TPO's runs, from
+    their v2 training logs, next to TPO's, to tell a fall of the chosen log-probability that TPO's weight term
+    causes from one every preference objective shows at these learning rates."""
+    variants = ("dpo", "tpo_detach", "tpo_watch", "tpo_clip")
+    lines = [
+        "| world | learning rate | " + " | ".join(f"{v}: NLL doubled at step, per seed" for v in variants) + " |",
+        "|---|---|" + "---|" * len(variants),
+    ]
+    for kind in FULL.world_kinds:
+        for lr in FULL.learning_rates[kind]:
+            cells = []
+            for variant in variants:
+                here = sorted(
+                    (r for r in runs if (r["world_kind"], r["learning_rate"], r["variant"]) == (kind, lr, variant)),
+                    key=_seed,
+                )
+                steps = [first_step_below(with_history(r)["history"], 2.0) for r in here]
+                cells.append(", ".join(str(step or "—") for step in steps))
+            lines.append(f"| {kind} | {lr:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
