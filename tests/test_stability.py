@@ -31,7 +31,7 @@ def test_monitor_warns_once_naming_the_first_step():
     import logging
 
     monitor = RunawayMonitor()
-    high = logs(3 * stability.DRIFT_THRESHOLD, 3 * stability.DRIFT_THRESHOLD, 0.9)
+    high = logs(3 * stability.DRIFT_THRESHOLD, 3 * stability.DRIFT_THRESHOLD, (1 + stability.SHARE_THRESHOLD) / 2)
     records = []
     handler = logging.Handler()
     handler.emit = records.append

@@ -6,7 +6,7 @@ making its tokens' logits more image-dependent (raising its visual scores ``s``)
 trainer logs, at every step, ``tpo/score_drift_chosen`` and ``tpo/score_drift_rejected`` (the policy's mean
 visual score minus the reference's on the same tokens) and ``tpo/weight_term_share`` (the share of the margins
 that comes from the weight term). ``RunawayMonitor`` reads them as they are logged and warns once, naming the
-step, when they cross the thresholds below; ``benchmarks/hallucination_world_v2/STABILITY.md`` measured them.
+step, when they cross the thresholds below, which ``benchmarks/hallucination_world_v2/STABILITY.md`` set.
 """
 
 from typing import Optional
@@ -17,14 +17,18 @@ from transformers import TrainerCallback
 
 logger = logging.get_logger("llamafactory.train.tpo")
 
-SHARE_THRESHOLD = 0.5
+# Chosen by STABILITY_PROTOCOL.md's rule on world seed 0 of the v2 worlds (STABILITY.md): no pair of thresholds
+# on the grid told the one collapsed run from the others (its drift, 0.7, was below that of runs that did not
+# collapse, up to 6.4), so the rule picked the most conservative pair, which warned in none of the 30 runs. The
+# metrics themselves are the monitor: read their plots (README, Stability).
+SHARE_THRESHOLD = 0.9
 """Warn when more than this share of the margins comes from the weight term..."""
 
-DRIFT_THRESHOLD = 1.0
+DRIFT_THRESHOLD = 8.0
 """...and the policy's visual scores have risen by more than this (logit units, mean of both answers)."""
 
 ADVICE = (
-    "lower `learning_rate`, set `tpo_weight_clip` (e.g. 0.05) to bound the weight term, or `tpo_detach_reward: "
+    "lower `learning_rate`, set `tpo_weight_clip` (e.g. 0.1) to bound the weight term, or `tpo_detach_reward: "
     "true` to train without it"
 )
 
@@ -41,9 +45,9 @@ def runaway_message(logs: dict[str, float], step: int) -> Optional[str]:
     return (
         f"Stage tpo, step {step}: the token-weight term makes up {share:.0%} of the preference margin and the "
         f"policy's visual scores have risen by {drift:.2f} over the reference's. The policy is being rewarded for "
-        f"making its tokens image-dependent rather than for preferring the chosen answers; on our controlled "
-        f"worlds such runs went on to lose most of their object recall while the loss kept falling. To avoid it: "
-        f"{ADVICE}."
+        f"making its tokens image-dependent rather than for preferring the chosen answers; in the project's "
+        f"controlled worlds TPO's chosen answers lost likelihood (their NLL doubled) at learning rates where DPO's "
+        f"did not. To avoid it: {ADVICE}."
     )
 
 
