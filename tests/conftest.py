@@ -177,3 +177,22 @@ def log_history(output_dir: Path) -> list[dict[str, Any]]:
 def train_logs(output_dir: Path) -> list[dict[str, Any]]:
     """The per-step training log entries (those with a ``loss``)."""
     return [entry for entry in log_history(output_dir) if "loss" in entry]
+
+
+@pytest.fixture
+def tpo_log_records():
+    """The records the stage's logger (``llamafactory.train.tpo``) emits during the test, in order.
+
+    A handler on that logger itself: LLaMA-Factory's loggers do not propagate to the root, where caplog listens.
+    """
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("llamafactory.train.tpo")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)

@@ -337,21 +337,11 @@ def test_family_table_matches_llamafactorys_templates():
         assert not any(name in template for template in TEMPLATES), name
 
 
-def test_untested_template_is_named_in_a_warning():
-    import logging
-
+def test_untested_template_is_named_in_a_warning(tpo_log_records):
     from tpo_plugin.training.families import check_template_family
 
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("llamafactory.train.tpo")
-    logger.addHandler(handler)
-    try:
-        check_template_family("qwen2_vl")
-        assert records == []
-        check_template_family("gemma4")
-    finally:
-        logger.removeHandler(handler)
-    (record,) = records
+    check_template_family("qwen2_vl")
+    assert tpo_log_records == []
+    check_template_family("gemma4")
+    (record,) = tpo_log_records
     assert "`gemma4` (Gemma 4:" in record.getMessage() and "qwen2_vl" in record.getMessage()

@@ -27,19 +27,9 @@ def test_rule_is_silent_without_the_monitor_keys():
     assert runaway_message({"loss": 0.3, "tpo/score_chosen": 9.0}, 5) is None  # multiplicative: nothing logged
 
 
-def test_monitor_warns_once_naming_the_first_step():
-    import logging
-
+def test_monitor_warns_once_naming_the_first_step(tpo_log_records):
     monitor = RunawayMonitor()
     high = logs(3 * stability.DRIFT_THRESHOLD, 3 * stability.DRIFT_THRESHOLD, (1 + stability.SHARE_THRESHOLD) / 2)
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("llamafactory.train.tpo")
-    logger.addHandler(handler)
-    try:
-        for step, entry in ((5, logs(0.0, 0.0, 0.1)), (10, high), (15, high), (20, {**high, "eval_loss": 1.0})):
-            monitor.on_log(None, type("State", (), {"global_step": step})(), None, logs=entry)
-    finally:
-        logger.removeHandler(handler)
-    assert [record.getMessage().split(":")[0] for record in records] == ["Stage tpo, step 10"]
+    for step, entry in ((5, logs(0.0, 0.0, 0.1)), (10, high), (15, high), (20, {**high, "eval_loss": 1.0})):
+        monitor.on_log(None, type("State", (), {"global_step": step})(), None, logs=entry)
+    assert [record.getMessage().split(":")[0] for record in tpo_log_records] == ["Stage tpo, step 10"]

@@ -154,6 +154,15 @@ _VOCAB_SIZE = 768
 _PATCH_SIZE = 14
 _LLAVA_IMAGE_SIZE = 2 * _PATCH_SIZE  # 2 x 2 patches: 4 image tokens per image, the CLS token dropped
 
+
+def _llava_resize() -> dict[str, dict[str, int]]:
+    """The CLIP-style resize and centre crop to ``_LLAVA_IMAGE_SIZE`` of every LLaVA family's processors."""
+    return {
+        "size": {"shortest_edge": _LLAVA_IMAGE_SIZE},
+        "crop_size": {"height": _LLAVA_IMAGE_SIZE, "width": _LLAVA_IMAGE_SIZE},
+    }
+
+
 # Text model shared by both families: 4 heads of 32 dimensions, so Qwen2-VL's M-RoPE has 16 frequencies
 # to split between time, height and width.
 _TEXT = {
@@ -428,8 +437,7 @@ def _build_llava() -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
         vision_feature_layer=-2,
     )
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": _LLAVA_IMAGE_SIZE},
-        crop_size={"height": _LLAVA_IMAGE_SIZE, "width": _LLAVA_IMAGE_SIZE},
+        **_llava_resize(),
     )
     processor = LlavaProcessor(
         image_processor=image_processor,
@@ -554,8 +562,7 @@ def _build_llava_next() -> tuple[LlavaNextForConditionalGeneration, LlavaNextPro
         vision_feature_layer=-2,
     )
     image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": _LLAVA_IMAGE_SIZE},
-        crop_size={"height": _LLAVA_IMAGE_SIZE, "width": _LLAVA_IMAGE_SIZE},
+        **_llava_resize(),
         image_grid_pinpoints=_LLAVA_NEXT_PINPOINTS,
     )
     processor = LlavaNextProcessor(
@@ -1042,12 +1049,10 @@ def _build_video_llava() -> tuple[VideoLlavaForConditionalGeneration, VideoLlava
     )
     processor = VideoLlavaProcessor(
         image_processor=VideoLlavaImageProcessor(
-            size={"shortest_edge": _LLAVA_IMAGE_SIZE},
-            crop_size={"height": _LLAVA_IMAGE_SIZE, "width": _LLAVA_IMAGE_SIZE},
+            **_llava_resize(),
         ),
         video_processor=VideoLlavaVideoProcessor(
-            size={"shortest_edge": _LLAVA_IMAGE_SIZE},
-            crop_size={"height": _LLAVA_IMAGE_SIZE, "width": _LLAVA_IMAGE_SIZE},
+            **_llava_resize(),
         ),
         tokenizer=tokenizer,
         patch_size=_PATCH_SIZE,
@@ -1072,13 +1077,9 @@ def _build_llava_next_video() -> tuple[LlavaNextVideoForConditionalGeneration, L
         vision_feature_layer=-2,
         spatial_pool_stride=2,
     )
-    size = {
-        "size": {"shortest_edge": _LLAVA_IMAGE_SIZE},
-        "crop_size": {"height": _LLAVA_IMAGE_SIZE, "width": _LLAVA_IMAGE_SIZE},
-    }
     processor = LlavaNextVideoProcessor(
-        image_processor=LlavaNextImageProcessor(**size, image_grid_pinpoints=_LLAVA_NEXT_PINPOINTS),
-        video_processor=LlavaNextVideoVideoProcessor(**size),
+        image_processor=LlavaNextImageProcessor(**_llava_resize(), image_grid_pinpoints=_LLAVA_NEXT_PINPOINTS),
+        video_processor=LlavaNextVideoVideoProcessor(**_llava_resize()),
         tokenizer=tokenizer,
         patch_size=_PATCH_SIZE,
         vision_feature_select_strategy="default",
