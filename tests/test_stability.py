@@ -1,35 +1,54 @@
 """The stability monitor's rule (``training/stability.py``) on hand-written logs."""
 
+from types import SimpleNamespace
+
 from tpo_plugin.training import stability
 from tpo_plugin.training.stability import RunawayMonitor, runaway_message
 
 
-def logs(drift_chosen: float, drift_rejected: float, share: float) -> dict[str, float]:
+def logs(chosen_logp: float, drift_chosen: float, drift_rejected: float) -> dict[str, float]:
     return {
         "loss": 0.3,
+        "logps/chosen": chosen_logp,
         "tpo/score_drift_chosen": drift_chosen,
         "tpo/score_drift_rejected": drift_rejected,
-        "tpo/weight_term_share": share,
+        "tpo/weight_term_share": 0.2,
     }
 
 
-def test_rule_needs_both_a_large_share_and_a_large_drift():
-    share, drift = stability.SHARE_THRESHOLD, stability.DRIFT_THRESHOLD
-    assert runaway_message(logs(2 * drift, 2 * drift, share / 2), 10) is None  # drift, but the margin is DPO's
-    assert runaway_message(logs(drift / 2, drift / 2, (1 + share) / 2), 10) is None  # share, but scores stayed
+def test_rule_needs_both_a_fallen_chosen_logp_and_a_drift():
+    drift, first = stability.DRIFT_THRESHOLD, -2.0
+    fallen = 2 * stability.NLL_GROWTH * first  # -8: the NLL grew fourfold
+    assert runaway_message(logs(fallen, drift / 2, drift / 2), 10, first) is None  # fell, but scores stayed
+    assert runaway_message(logs(0.9 * stability.NLL_GROWTH * first, 4 * drift, 4 * drift), 10, first) is None
     # the mean drift of both answers counts: one answer's drift alone past the threshold is not enough
-    assert runaway_message(logs(1.5 * drift, 0.0, (1 + share) / 2), 10) is None
-    message = runaway_message(logs(2 * drift, 2 * drift, (1 + share) / 2), 37)
-    assert "step 37" in message and "tpo_weight_clip" in message and "learning_rate" in message
+    assert runaway_message(logs(fallen, 1.5 * drift, 0.0), 10, first) is None
+    message = runaway_message(logs(fallen, 2 * drift, 2 * drift), 37, first)
+    assert "step 37" in message and "-2.00 to -8.00" in message
+    assert "tpo_weight_clip" in message and "learning_rate" in message
 
 
 def test_rule_is_silent_without_the_monitor_keys():
-    assert runaway_message({"loss": 0.3, "tpo/score_chosen": 9.0}, 5) is None  # multiplicative: nothing logged
+    assert runaway_message({"loss": 0.3, "logps/chosen": -9.0, "tpo/score_chosen": 9.0}, 5, -1.0) is None
+
+
+def state(step: int, history: list[dict]) -> SimpleNamespace:
+    return SimpleNamespace(global_step=step, log_history=history)
 
 
 def test_monitor_warns_once_naming_the_first_step(tpo_log_records):
-    monitor = RunawayMonitor()
-    high = logs(3 * stability.DRIFT_THRESHOLD, 3 * stability.DRIFT_THRESHOLD, (1 + stability.SHARE_THRESHOLD) / 2)
-    for step, entry in ((5, logs(0.0, 0.0, 0.1)), (10, high), (15, high), (20, {**high, "eval_loss": 1.0})):
-        monitor.on_log(None, type("State", (), {"global_step": step})(), None, logs=entry)
+    monitor, history = RunawayMonitor(), []
+    fallen = logs(-5.0, 1.0, 1.0)
+    for step, entry in ((5, logs(-2.0, 0.0, 0.0)), (10, fallen), (15, fallen), (20, {**fallen, "eval_loss": 1.0})):
+        history.append({**entry, "step": step})  # the trainer appends a log to its history before on_log
+        monitor.on_log(None, state(step, history), None, logs=entry)
     assert [record.getMessage().split(":")[0] for record in tpo_log_records] == ["Stage tpo, step 10"]
+
+
+def test_monitor_compares_with_the_runs_first_log_after_a_resume(tpo_log_records):
+    # A resumed run's history starts with the logs before the checkpoint: -2.0, not the resumed run's -3.5.
+    history = [{**logs(-2.0, 0.0, 0.0), "step": 5}, {**logs(-3.0, 0.5, 0.5), "step": 10}]
+    resumed = logs(-4.5, 0.5, 0.5)  # above twice -3.5 but below twice -2.0
+    history.append({**resumed, "step": 15})
+    RunawayMonitor().on_log(None, state(15, history), None, logs=resumed)
+    assert [record.getMessage().split(":")[0] for record in tpo_log_records] == ["Stage tpo, step 15"]

@@ -5,8 +5,9 @@ The log-additive objective's margin holds, besides DPO's log-probability ratios,
 making its tokens' logits more image-dependent (raising its visual scores ``s``), with nothing to stop it. The
 trainer logs, at every step, ``tpo/score_drift_chosen`` and ``tpo/score_drift_rejected`` (the policy's mean
 visual score minus the reference's on the same tokens) and ``tpo/weight_term_share`` (the share of the margins
-that comes from the weight term). ``RunawayMonitor`` reads them as they are logged and warns once, naming the
-step, when they cross the thresholds below, which ``benchmarks/hallucination_world_v2/STABILITY.md`` set.
+that comes from the weight term). ``RunawayMonitor`` reads them, with ``logps/chosen``, as they are logged and
+warns once, naming the step, when the run-away that ``benchmarks/hallucination_world_v2/STABILITY.md`` measured
+shows: the chosen answers losing their likelihood while the policy's visual scores have risen.
 """
 
 from typing import Optional
@@ -17,42 +18,53 @@ from transformers import TrainerCallback
 
 logger = logging.get_logger("llamafactory.train.tpo")
 
-# Chosen by STABILITY_PROTOCOL.md's rule on world seed 0 of the v2 worlds (STABILITY.md): no pair of thresholds
-# on the grid told the one collapsed run from the others (its drift, 0.7 at the end, was below that of runs that
-# did not collapse, up to 4.1 on that seed), so the rule picked the most conservative pair, which warned in none
-# of the 30 runs. The metrics themselves are the monitor: read their plots (README, Stability).
-SHARE_THRESHOLD = 0.9
-"""Warn when more than this share of the margins comes from the weight term..."""
+# Set after STABILITY.md's 60 runs, from what they showed rather than by its pre-registered rule (whose
+# share-and-drift thresholds, 0.9 and 8, warned in none of them, because the share falls as the run-away
+# grows): in every TPO run whose chosen answers' NLL doubled the policy's scores had drifted up (by 0.6 to 6.4 at
+# the end), such runs had lost object recall, and TPO's NLL doubled at learning rates where DPO's did not. The
+# check on worlds not used to set them is STABILITY_PROTOCOL_2.md.
+NLL_GROWTH = 2.0
+"""Warn when the chosen answers' mean log-probability has fallen below this multiple of its first logged value
+(2: their NLL doubled)..."""
 
-DRIFT_THRESHOLD = 8.0
-"""...and the policy's visual scores have risen by more than this (logit units, mean of both answers)."""
+DRIFT_THRESHOLD = 0.25
+"""...while the policy's visual scores are above the reference's by more than this (logit units, mean of both
+answers): the fall comes with the weight term at work, not from the DPO part alone."""
 
 ADVICE = (
     "lower `learning_rate`, set `tpo_weight_clip` (e.g. 0.1) to bound the weight term, or `tpo_detach_reward: "
     "true` to train without it"
 )
 
+DRIFT_KEYS = ("tpo/score_drift_chosen", "tpo/score_drift_rejected")
 
-def runaway_message(logs: dict[str, float], step: int) -> Optional[str]:
-    """The warning for one logged step, or None while the weight term has not run away."""
-    keys = ("tpo/score_drift_chosen", "tpo/score_drift_rejected", "tpo/weight_term_share")
-    if not all(key in logs for key in keys):
+
+def runaway_message(logs: dict[str, float], step: int, first_chosen_logp: float) -> Optional[str]:
+    """The warning for one logged step, or None while the run has not run away.
+
+    ``first_chosen_logp`` is the run's first logged ``logps/chosen`` (negative: a log-probability).
+    """
+    if not all(key in logs for key in (*DRIFT_KEYS, "logps/chosen")):
         return None
     drift = (logs["tpo/score_drift_chosen"] + logs["tpo/score_drift_rejected"]) / 2
-    share = logs["tpo/weight_term_share"]
-    if share <= SHARE_THRESHOLD or drift <= DRIFT_THRESHOLD:
+    chosen_logp = logs["logps/chosen"]
+    if chosen_logp >= NLL_GROWTH * first_chosen_logp or drift <= DRIFT_THRESHOLD:
         return None
     return (
-        f"Stage tpo, step {step}: the token-weight term makes up {share:.0%} of the preference margin and the "
-        f"policy's visual scores have risen by {drift:.2f} over the reference's. The policy is being rewarded for "
-        f"making its tokens image-dependent rather than for preferring the chosen answers; in the project's "
-        f"controlled worlds TPO's chosen answers lost likelihood (their NLL doubled) at learning rates where DPO's "
-        f"did not. To avoid it: {ADVICE}."
+        f"Stage tpo, step {step}: the chosen answers' mean log-probability fell from {first_chosen_logp:.2f} to "
+        f"{chosen_logp:.2f} while the policy's visual scores rose by {drift:.2f} over the reference's. The policy "
+        f"is being paid for making its tokens image-dependent rather than for keeping its chosen answers; in the "
+        f"project's controlled worlds, TPO runs past this point lost object recall, and TPO's chosen answers lost "
+        f"likelihood at learning rates where DPO's did not. To avoid it: {ADVICE}."
     )
 
 
 class RunawayMonitor(TrainerCallback):
-    """Warns once per run, on the main process, when :func:`runaway_message` fires for a training log."""
+    """Warns once per run, on the main process, when :func:`runaway_message` fires for a training log.
+
+    The first ``logps/chosen`` is read from the trainer state's log history, which a resumed run restores, so a
+    resume compares with the run's true start.
+    """
 
     def __init__(self):
         self.warned = False
@@ -60,7 +72,11 @@ class RunawayMonitor(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.warned or not logs or "loss" not in logs:
             return
-        message = runaway_message(logs, state.global_step)
+        training_logs = (entry for entry in state.log_history if "loss" in entry and "logps/chosen" in entry)
+        first = next((entry["logps/chosen"] for entry in training_logs), None)
+        if first is None:
+            return
+        message = runaway_message(logs, state.global_step, first)
         if message is not None:
             self.warned = True
             logger.warning_rank0(message)
