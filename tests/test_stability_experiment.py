@@ -46,3 +46,15 @@ def test_calibration_picks_the_separating_thresholds_that_warn_earliest():
 def test_collapse_is_recall_below_half_of_sfts():
     assert stability.collapsed({"recall": 0.39}, sft_recall=0.8)
     assert not stability.collapsed({"recall": 0.41}, sft_recall=0.8)
+
+
+def test_second_check_reads_the_step_the_shipped_monitor_names(tmp_path):
+    from benchmarks.hallucination_world_v2 import stability_heldout
+    from tpo_plugin.training.stability import runaway_message
+
+    logs = {"loss": 0.3, "logps/chosen": -9.0, "tpo/score_drift_chosen": 2.0, "tpo/score_drift_rejected": 1.0}
+    log = tmp_path / "train.log"
+    log.write_text(f"[WARNING|2026-12-03] llamafactory.train.tpo:143 >> {runaway_message(logs, 35, -2.0)}\n")
+    assert stability_heldout.warning_step(log) == 35
+    log.write_text("[INFO] {'loss': 0.3, 'logps/chosen': -9.0}\n")
+    assert stability_heldout.warning_step(log) is None
