@@ -99,7 +99,7 @@ def watched_run(job: run.Job) -> dict:
     if not extra.exists():
         step = warning_step(job.run_dir / "train.log")
         recall = None
-        if step is not None:
+        if step is not None and job.recipe.get("save_strategy") == "steps":  # the saving check's run keeps none
             metrics = evaluate.evaluate_model(
                 job.run_dir / f"checkpoint-{step}", job.world_dir, PROTOCOL.eval_batch_size
             )
