@@ -143,7 +143,8 @@ def write_report(base_runs: list[dict], tpo_runs: list[dict], path: Path, second
     sections = [
         "# Stability, second check: the monitor and the guard on worlds that did not set them — results (issue #19)",
         f"Written by `python -m benchmarks.hallucination_world_v2.stability_heldout` "
-        f"({len(base_runs) + len(tpo_runs)} runs including worlds' SFT, {jobs} at a time, {seconds / 60:.0f} min). "
+        f"({len(base_runs) + len(tpo_runs)} runs including the worlds' SFT, {jobs} at a time; this invocation took "
+        f"{seconds / 60:.0f} min, reusing runs an earlier one had finished). "
         f"Rules: STABILITY_PROTOCOL_2.md, fixed before these runs. Collapsed: object recall below "
         f"{stability.COLLAPSE_FRACTION:g} × the world's SFT recall; degraded: below {DEGRADED_FRACTION:g} ×.",
         "## Runs\n\n" + "\n".join(lines),
