@@ -21,8 +21,9 @@ logger = logging.get_logger("llamafactory.train.tpo")
 # Set after STABILITY.md's 60 runs, from what they showed rather than by its pre-registered rule (whose
 # share-and-drift thresholds, 0.9 and 8, warned in none of them, because the share falls as the run-away
 # grows): in every TPO run whose chosen answers' NLL doubled the policy's scores had drifted up (by 0.6 to 6.4 at
-# the end), such runs had lost object recall, and TPO's NLL doubled at learning rates where DPO's did not. The
-# check on worlds not used to set them is STABILITY_PROTOCOL_2.md.
+# the end), such runs had lost object recall, and TPO's NLL doubled at learning rates where DPO's did not. On
+# two world seeds not used to set them (STABILITY_2.md) they did not warn in the two runs that kept their recall,
+# but in one of the two collapsed runs only once the model had collapsed: the warning can come late.
 NLL_GROWTH = 2.0
 """Warn when the chosen answers' mean log-probability has fallen below this multiple of its first logged value
 (2: their NLL doubled)..."""
@@ -55,7 +56,8 @@ def runaway_message(logs: dict[str, float], step: int, first_chosen_logp: float)
         f"{chosen_logp:.2f} while the policy's visual scores rose by {drift:.2f} over the reference's. The policy "
         f"is being paid for making its tokens image-dependent rather than for keeping its chosen answers; in the "
         f"project's controlled worlds, TPO runs past this point lost object recall, and TPO's chosen answers lost "
-        f"likelihood at learning rates where DPO's did not. To avoid it: {ADVICE}."
+        f"likelihood at learning rates where DPO's did not. The model may have lost it already (in one of the two "
+        f"collapses measured it had): evaluate the checkpoints saved before step {step}. To avoid it: {ADVICE}."
     )
 
 
