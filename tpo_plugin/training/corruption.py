@@ -56,6 +56,10 @@ class ImageCorrupter:
         """Open and resize the images of one sample once, as LLaMA-Factory's processor would."""
         return regularize_images(self.mm_plugin, images, self.processor) if images else []
 
+    def noise_key(self, step_key: int) -> int:
+        """The key of the noise a batch at ``step_key`` (a global step or ``EVAL_STEP_KEY``) is corrupted with."""
+        return SAMPLE_KEY if self.noise_per == "sample" else step_key
+
     def corrupted_inputs(
         self, pair_images: list[list[Image.Image]], batch: dict[str, Any], step_key: int
     ) -> Optional[dict[str, Any]]:
@@ -67,7 +71,7 @@ class ImageCorrupter:
         if not any(pair_images):
             return None
 
-        noise_key = SAMPLE_KEY if self.noise_per == "sample" else step_key
+        noise_key = self.noise_key(step_key)
         corrupted = [
             [corrupt_image(image, self.corruption, self.noise_step, self.seed, noise_key) for image in images]
             for images in pair_images

@@ -1,15 +1,18 @@
 """The TPO trainer: LLaMA-Factory's DPO trainer with the visual-aware objective of TPO_METHOD §4.
 
-Everything but the loss is inherited from ``CustomDPOTrainer`` (reference model preparation for
-DeepSpeed/FSDP/DDP, optimizer, scheduler, metric logging with the cross-rank mean), so TPO trains
-with the same options as ``stage: dpo``.
+Everything but the loss and the training loader's step keys (step_keys.py) is inherited from
+``CustomDPOTrainer`` (reference model preparation for DeepSpeed/FSDP/DDP, optimizer, scheduler, metric
+logging with the cross-rank mean), so TPO trains with the same options as ``stage: dpo``.
 """
 
+import math
 import os
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Optional
 
 import torch
+from datasets import Dataset
+from llamafactory.extras import logging
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
 from llamafactory.train.trainer_utils import nested_detach
 from peft import PeftModel
@@ -23,16 +26,19 @@ from ..method.objective import (
     target_token_scores,
     tpo_batch_loss,
 )
-from .collator import CORRUPTED_INPUTS_KEY, PAIR_IMAGES_KEY
+from .collator import CORRUPTED_INPUTS_KEY, NOISE_KEY, PAIR_IMAGES_KEY
 from .corruption import EVAL_STEP_KEY, ImageCorrupter
 from .image_features import ImageFeatureCache, image_feature_owner, vision_path_is_frozen
 from .reference_scores import PAIR_KEY, ReferenceScores, pair_values
+from .step_keys import StepKeyedDataset, StepKeyedSampler
 from .stopping import any_rank
 
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+
+logger = logging.get_logger("llamafactory.train.tpo")
 
 _NUMERICS_ADVICE = "Lower `learning_rate` or check the bf16/fp16 settings, then resume with `resume_from_checkpoint`."
 
@@ -146,6 +152,9 @@ class CustomTPOTrainer(CustomDPOTrainer):
     def __init__(self, image_corrupter: ImageCorrupter, **kwargs):
         self.image_corrupter = image_corrupter
         self.reference_scores: Optional[ReferenceScores] = None  # set by use_reference_scores
+        self.corrupted_in_step = False  # a training batch's corrupted inputs were built in the step, not the loader
+        if isinstance(kwargs.get("train_dataset"), Dataset):  # read by (index, step) keys: get_train_dataloader
+            kwargs["train_dataset"] = StepKeyedDataset(kwargs["train_dataset"])
         super().__init__(**kwargs)
         # Under ZeRO-3 and FSDP every rank must run the same modules in the same order (parameters are
         # gathered per module), which reusing encodings depending on a batch's content would break.
@@ -238,20 +247,51 @@ class CustomTPOTrainer(CustomDPOTrainer):
             )
         return super()._save_checkpoint(model, trial)
 
+    @override
+    def get_train_dataloader(self):
+        """The usual training loader, its sampler wrapped so that each sample carries the step it trains at.
+
+        The collator then corrupts a batch's images with the step's noise in the loader's workers (step_keys.py).
+        Accelerate's ``set_sampler`` replaces the index sampler under its batch sampler (and its process shard),
+        after it has made the sampler seedable, so the data order is unchanged.
+        """
+        loader = super().get_train_dataloader()
+        sampler = loader.get_sampler() if hasattr(loader, "get_sampler") else None
+        if sampler is None or not isinstance(loader.dataset, StepKeyedDataset):  # streamed data, another loader:
+            return loader  # the trainer corrupts each batch in its step (_unpack_batch)
+
+        accumulation = self.args.gradient_accumulation_steps
+        updates_per_epoch = max(math.ceil(len(loader) / accumulation), 1)  # as transformers' Trainer counts them
+        samples_per_step = self._train_batch_size * self.accelerator.num_processes * accumulation
+        loader.set_sampler(
+            StepKeyedSampler(
+                sampler,
+                samples_per_step,
+                # The epoch's first step, also when a resumed run starts inside the epoch.
+                lambda: self.state.global_step // updates_per_epoch * updates_per_epoch,
+            )
+        )
+        return loader
+
     def _unpack_batch(self, batch: dict[str, Any], step_key: int) -> UnpackedBatch:
         """A collated batch as model inputs (clean and corrupted), labels, image flags and pair keys.
 
-        The collator has built the corrupted inputs where their noise does not depend on the step
-        (``tpo_noise_per: sample``), in the data loader's workers; otherwise they are built here.
+        The collator has built the corrupted inputs, in the data loader's workers; when it did not know the
+        step the batch trains at (its noise key is not this step's), they are built here.
         """
         inputs = nested_detach(dict(batch), clone=True)  # the forward passes must not alter the batch
         pair_images = inputs.pop(PAIR_IMAGES_KEY)
         pair_keys = inputs.pop(PAIR_KEY, None)
         labels = inputs.pop("labels")
         has_image = torch.tensor([len(images) > 0 for images in pair_images] * 2, device=labels.device)
-        if CORRUPTED_INPUTS_KEY in inputs:
-            corrupted_mm_inputs = inputs.pop(CORRUPTED_INPUTS_KEY)
-        else:
+        corrupted_mm_inputs = inputs.pop(CORRUPTED_INPUTS_KEY, None)
+        if inputs.pop(NOISE_KEY, None) != self.image_corrupter.noise_key(step_key):
+            if not self.corrupted_in_step:
+                self.corrupted_in_step = True
+                logger.info(
+                    f"Stage tpo, step {step_key + 1}: the data loader did not know which step this batch trains "
+                    f"at, so its images were corrupted in the step (same result, only slower); said once per run."
+                )
             corrupted_mm_inputs = self.image_corrupter.corrupted_inputs(pair_images, inputs, step_key)
         corrupted_inputs = None
         if corrupted_mm_inputs is not None:
