@@ -27,6 +27,7 @@ gradient norm and metrics as the plugin's trainer in the first two steps.
         --answer-tokens 180 --precision bf16                         # the GPU code path, scaled down, on a CPU
     python benchmarks/bench_tpo.py --device cpu --model qwen2-vl-2b-narrow --image-size 448 \\
         --answer-tokens 180 --threads 2 --warmup-steps 1 --measured-steps 3  # the GPU arithmetic / 64, ~8 min
+    python benchmarks/bench_tpo.py --device cpu --image-size 448 --loader-workers 1  # collation off the step
 
 Everything is built locally (random weights, a locally trained tokenizer, PIL images): nothing is downloaded.
 """
@@ -133,6 +134,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["fp32", "bf16"], help="CPU fp32, GPU bf16")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the runs, 0: torch's default (CPU: 1, GPU: 0)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--loader-workers", type=int, default=0, help="dataloader_num_workers of every variant (default 0)"
+    )
     parser.add_argument("--work-dir", default="saves/bench_tpo", help="model, data, runs and logs")
     parser.add_argument("--output", help="also write the results JSON here (rewritten after every run)")
     parser.add_argument("--child-timeout", type=float, default=900, help="seconds one training run may take")
@@ -255,6 +259,7 @@ def recipe(args: argparse.Namespace, config: str, variant: str, model_dir, data_
         "disable_tqdm": True,
         "pref_beta": 0.1,
         "seed": args.seed,
+        "dataloader_num_workers": args.loader_workers,
         "bf16": args.precision == "bf16",
         **VARIANTS[variant][0],
     }
@@ -505,6 +510,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "precision": args.precision,
         "threads": args.threads or os.environ.get("OMP_NUM_THREADS", "torch default"),
         "seed": args.seed,
+        "loader_workers": args.loader_workers,
     }
     report = {
         "benchmark": "tpo_vs_dpo",
