@@ -94,7 +94,11 @@ DEVICE_DEFAULTS = {
     },
 }
 # Logged values of the first two steps that the reference-structure trainer must reproduce; not
-# rewards/accuracies, a fraction of pairs that rounding can flip while a margin is still near 0.
+# rewards/accuracies, a fraction of pairs that rounding can flip while a margin is still near 0, nor
+# tpo/weight_term_share, a ratio whose log-probability part is, at step 2, a margin of ~5e-3 left from sums of
+# log-probabilities in the hundreds, whose float32 rounding (~1e-5 each) moves the share by several 1e-5
+# (measured 4.3e-5 on one CPU, below 1e-5 on another); the margins themselves are checked.
+UNCHECKED_LOG_KEYS = ("tpo/weight_term_share",)
 CHECKED_LOG_PREFIXES = (
     "loss",
     "grad_norm",
@@ -371,7 +375,8 @@ def reference_structure_check(tpo: Optional[dict], reference: Optional[dict]) ->
         return None
     differences = {}
     for first, second in zip(tpo["first_steps_logs"], reference["first_steps_logs"], strict=False):
-        for key in sorted(key for key in first if key.startswith(CHECKED_LOG_PREFIXES) and key in second):
+        checked = (key for key in first if key.startswith(CHECKED_LOG_PREFIXES) and key not in UNCHECKED_LOG_KEYS)
+        for key in sorted(key for key in checked if key in second):
             scale = max(1.0, abs(first[key]), abs(second[key]))
             differences[f"step{first['step']}/{key}"] = abs(first[key] - second[key]) / scale
     if not differences:
