@@ -31,6 +31,7 @@ from benchmarks.hallucination_world_v2.protocol import FULL, METHODS  # noqa: E4
 
 HERE = Path(__file__).resolve().parent
 SAVING = {"save_strategy": "steps", "save_steps": 5, "save_only_model": True}
+TRAJECTORY_METHODS = {**METHODS, "tpo_clip": {"stage": "tpo", "tpo_keys": stability.METHODS["tpo_clip"]}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=FULL.world_kinds, required=True)
     parser.add_argument("--seed", type=int, required=True, help="world seed")
     parser.add_argument("--lr", type=float, required=True, help="learning rate")
-    parser.add_argument("--methods", default="dpo,tpo", help="comma-separated v2 methods (default: dpo,tpo)")
+    parser.add_argument(
+        "--methods", default="dpo,tpo", help=f"comma-separated, of {', '.join(TRAJECTORY_METHODS)} (default: dpo,tpo)"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "runs_trajectory", help="run folder")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained side by side (default: 2)")
     parser.add_argument("--append", type=Path, help="also append the tables to this markdown file")
@@ -57,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     sft = run.run_protocol(protocol, out, args.jobs)[0]  # the world and its SFT model
     directory = run.world_dir(out, args.kind, args.seed)
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    unknown = [name for name in methods if name not in TRAJECTORY_METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; allowed: {', '.join(TRAJECTORY_METHODS)}")
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         tables = list(pool.map(lambda method: trajectory(protocol, directory, method, args.lr), methods))
     report = f"## World {args.kind}-{args.seed}, lr {args.lr:g}; SFT recall {sft['recall']:.2f}\n\n" + "\n\n".join(
@@ -71,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def trajectory(protocol, directory: Path, method: str, lr: float) -> str:
     """Train ``method`` saving every 5 steps, evaluate each saved model; the table as markdown."""
-    settings = METHODS[method]
+    settings = TRAJECTORY_METHODS[method]
     run_dir = directory / f"{method}-lr{lr:g}-saved"
     recipe = train.preference_recipe(
         directory / "sft",
