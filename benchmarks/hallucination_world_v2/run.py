@@ -114,24 +114,38 @@ def sft_job(protocol: Protocol, directory: Path, kind: str, seed: int) -> Job:
 
 def preference_jobs(protocol: Protocol, directory: Path, kind: str, seed: int) -> list[Job]:
     """Every method at every learning rate of the world's kind, from the world's SFT model (v1's recipe)."""
-    jobs = []
-    for lr in protocol.learning_rates[kind]:
-        for method in protocol.methods:
-            run_dir = directory / f"{method}-lr{lr:g}"
-            settings = METHODS[method]
-            recipe = train.preference_recipe(
-                directory / "sft",
-                directory,
-                run_dir,
-                protocol.train_seed,
-                protocol.preference,
-                settings["stage"],
-                lr,
-                settings["tpo_keys"],
-            )
-            record = {"world_kind": kind, "world_seed": seed, "variant": method, "learning_rate": lr}
-            jobs.append(Job(recipe, run_dir, directory, directory / "sft", record))
-    return jobs
+    return [
+        preference_job(protocol, directory, kind, seed, method, METHODS[method], lr)
+        for lr in protocol.learning_rates[kind]
+        for method in protocol.methods
+    ]
+
+
+def preference_job(
+    protocol: Protocol,
+    directory: Path,
+    kind: str,
+    seed: int,
+    method: str,
+    settings: dict,
+    lr: float,
+    run_dir: Path | None = None,
+) -> Job:
+    """One preference run of ``settings`` (a stage and its ``tpo_*`` keys) from the world's SFT model, v1's
+    recipe; ``method`` names its record and, unless ``run_dir`` is given, its folder."""
+    run_dir = run_dir or directory / f"{method}-lr{lr:g}"
+    recipe = train.preference_recipe(
+        directory / "sft",
+        directory,
+        run_dir,
+        protocol.train_seed,
+        protocol.preference,
+        settings["stage"],
+        lr,
+        settings["tpo_keys"],
+    )
+    record = {"world_kind": kind, "world_seed": seed, "variant": method, "learning_rate": lr}
+    return Job(recipe, run_dir, directory, directory / "sft", record)
 
 
 def run_job(job: Job, protocol: Protocol) -> dict:

@@ -75,12 +75,8 @@ def stability_jobs(out: Path, kind: str, seed: int) -> list[run.Job]:
     directory = run.world_dir(out.resolve(), kind, seed)
     jobs = []
     for lr, (method, tpo_keys) in itertools.product(FULL.learning_rates[kind], METHODS.items()):
-        run_dir = directory / f"{method}-lr{lr:g}"
-        recipe = train.preference_recipe(
-            directory / "sft", directory, run_dir, FULL.train_seed, FULL.preference, "tpo", lr, tpo_keys
-        )
-        record = {"world_kind": kind, "world_seed": seed, "variant": method, "learning_rate": lr}
-        jobs.append(run.Job(recipe, run_dir, directory, directory / "sft", record))
+        settings = {"stage": "tpo", "tpo_keys": tpo_keys}
+        jobs.append(run.preference_job(FULL, directory, kind, seed, method, settings, lr))
     return jobs
 
 

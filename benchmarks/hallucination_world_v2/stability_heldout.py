@@ -76,13 +76,9 @@ def tpo_jobs(out: Path, kind: str, seed: int) -> list[run.Job]:
         if (kind, seed, lr) == SAVING_CHECK:
             variants.append(("tpo_nosave", TPO_DEFAULTS, {}))
         for method, keys, saving in variants:
-            run_dir = directory / f"{method}-lr{lr:g}"
-            recipe = train.preference_recipe(
-                directory / "sft", directory, run_dir, PROTOCOL.train_seed, PROTOCOL.preference, "tpo", lr, keys
-            )
-            recipe.update(saving)
-            record = {"world_kind": kind, "world_seed": seed, "variant": method, "learning_rate": lr}
-            jobs.append(run.Job(recipe, run_dir, directory, directory / "sft", record))
+            job = run.preference_job(PROTOCOL, directory, kind, seed, method, {"stage": "tpo", "tpo_keys": keys}, lr)
+            job.recipe.update(saving)
+            jobs.append(job)
     return jobs
 
 

@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--methods: unknown {unknown}; allowed: {', '.join(TRAJECTORY_METHODS)}")
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        tables = list(pool.map(lambda method: trajectory(protocol, directory, method, args.lr), methods))
+        tables = list(
+            pool.map(lambda method: trajectory(protocol, directory, args.kind, args.seed, method, args.lr), methods)
+        )
     report = f"## World {args.kind}-{args.seed}, lr {args.lr:g}; SFT recall {sft['recall']:.2f}\n\n" + "\n\n".join(
         tables
     )
@@ -75,25 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def trajectory(protocol, directory: Path, method: str, lr: float) -> str:
+def trajectory(protocol, directory: Path, kind: str, seed: int, method: str, lr: float) -> str:
     """Train ``method`` saving every 5 steps, evaluate each saved model; the table as markdown."""
-    settings = TRAJECTORY_METHODS[method]
     run_dir = directory / f"{method}-lr{lr:g}-saved"
-    recipe = train.preference_recipe(
-        directory / "sft",
-        directory,
-        run_dir,
-        protocol.train_seed,
-        protocol.preference,
-        settings["stage"],
-        lr,
-        settings["tpo_keys"],
-    )
-    recipe.update(SAVING)
-    record = {"world_kind": directory.name, "variant": method, "learning_rate": lr}
-    final = stability.with_history(
-        run.run_job(run.Job(recipe, run_dir, directory, directory / "sft", record), protocol)
-    )
+    job = run.preference_job(protocol, directory, kind, seed, method, TRAJECTORY_METHODS[method], lr, run_dir)
+    job.recipe.update(SAVING)
+    final = stability.with_history(run.run_job(job, protocol))
     recalls = json.loads((run_dir / "recalls.json").read_text()) if (run_dir / "recalls.json").exists() else {}
     for checkpoint in sorted(run_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1])):
         step = checkpoint.name.split("-")[1]
