@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -177,6 +178,18 @@ def log_history(output_dir: Path) -> list[dict[str, Any]]:
 def train_logs(output_dir: Path) -> list[dict[str, Any]]:
     """The per-step training log entries (those with a ``loss``)."""
     return [entry for entry in log_history(output_dir) if "loss" in entry]
+
+
+def assert_resumed_steps_equal(
+    uninterrupted: Path, resumed: Path, checkpoint_step: int, steps: list[int], keys: Iterable[str]
+) -> None:
+    """The resumed run logged ``steps`` after its checkpoint, each with the uninterrupted run's ``keys`` (1e-5)."""
+    expected = {entry["step"]: entry for entry in train_logs(uninterrupted)}
+    after_resume = [entry for entry in train_logs(resumed) if entry["step"] > checkpoint_step]
+    assert [entry["step"] for entry in after_resume] == steps
+    for entry in after_resume:
+        for key in keys:
+            assert entry[key] == pytest.approx(expected[entry["step"]][key], abs=1e-5), (entry["step"], key)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from tpo_plugin.training.collator import CORRUPTED_INPUTS_KEY, NOISE_KEY, TPODat
 from tpo_plugin.training.corruption import ImageCorrupter
 from tpo_plugin.training.step_keys import STEP_FIELD, StepKeyedDataset, StepKeyedSampler
 
-from conftest import train_config, train_logs
+from conftest import assert_resumed_steps_equal, train_config, train_logs
 
 
 COMPARED = ("loss", "grad_norm", "rewards/margins", "logps/chosen", "tpo/score_chosen", "tpo/weight_rejected")
@@ -102,12 +102,7 @@ def test_a_resumed_run_corrupts_in_the_workers_with_the_steps_noise(model_dirs, 
     )
 
     assert calls_here == []  # the workers knew the steps of the resumed epoch's remaining batches
-    expected = {entry["step"]: entry for entry in train_logs(uninterrupted)}
-    after_resume = [entry for entry in train_logs(resumed) if entry["step"] > 3]
-    assert [entry["step"] for entry in after_resume] == [4, 5]
-    for entry in after_resume:
-        for key in COMPARED:
-            assert entry[key] == pytest.approx(expected[entry["step"]][key], abs=1e-5), (entry["step"], key)
+    assert_resumed_steps_equal(uninterrupted, resumed, 3, [4, 5], COMPARED)
 
 
 def record_main_process_corruption(monkeypatch) -> list[int]:

@@ -3,7 +3,7 @@ uninterrupted run, because the corrupted images are keyed by seed, global step a
 
 import pytest
 
-from conftest import run_cli, train_config, train_logs, write_yaml
+from conftest import assert_resumed_steps_equal, run_cli, train_config, write_yaml
 
 
 pytestmark = pytest.mark.e2e
@@ -31,9 +31,4 @@ def test_resumed_steps_equal_uninterrupted_steps(finetuning_type, model_dirs, da
     )
     run_cli(["train", str(write_yaml(tmp_path / "b.yaml", config))], cwd=tmp_path)
 
-    expected = {entry["step"]: entry for entry in train_logs(uninterrupted)}
-    after_resume = [entry for entry in train_logs(resumed) if entry["step"] > 2]
-    assert [entry["step"] for entry in after_resume] == [3, 4]
-    for entry in after_resume:
-        for key in COMPARED:
-            assert entry[key] == pytest.approx(expected[entry["step"]][key], abs=1e-5), (entry["step"], key)
+    assert_resumed_steps_equal(uninterrupted, resumed, 2, [3, 4], COMPARED)
