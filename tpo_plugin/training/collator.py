@@ -41,10 +41,11 @@ class TPODataCollatorWithPadding(PairwiseDataCollatorWithPadding):
         batch[PAIR_IMAGES_KEY] = pair_images
         # Samples of different steps in one batch: only Accelerate's repeated samples that even out the last
         # batches across processes do that; the trainer builds that batch's corrupted inputs itself.
-        noise_key = self.image_corrupter.noise_key(steps.pop()) if len(steps) == 1 else None
-        batch[NOISE_KEY] = noise_key
-        if noise_key is not None:
-            batch[CORRUPTED_INPUTS_KEY] = self.image_corrupter.corrupted_inputs(pair_images, batch, noise_key)
+        batch[NOISE_KEY] = None
+        if len(steps) == 1:
+            step = steps.pop()
+            batch[NOISE_KEY] = self.image_corrupter.noise_key(step)
+            batch[CORRUPTED_INPUTS_KEY] = self.image_corrupter.corrupted_inputs(pair_images, batch, step)
         if features and PAIR_KEY in features[0]:  # the datasets carry pair keys with tpo_precompute_ref
             batch[PAIR_KEY] = [feature[PAIR_KEY] for feature in features]
         return batch
