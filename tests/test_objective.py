@@ -14,6 +14,7 @@ from tpo_plugin.method.objective import (
     TokenScores,
     clip_log_weight_change,
     first_scored_position,
+    log_normalizer_gap,
     log_token_weight,
     preference_losses,
     target_token_scores,
@@ -378,6 +379,22 @@ def test_clip_log_weight_change_bounds_the_change_and_its_gradient():
     assert policy.grad.tolist() == [0.0, 0.0, 1.0, 1.0]  # past the bound, no reward for moving further
 
 
+def test_log_normalizer_gap_is_the_logsumexp_difference_and_a_uniform_shift_moves_only_it():
+    clean_logits = torch.tensor([[[1.0, 2.0, 0.0], [0.5, -1.0, 3.0], [9.0, 9.0, 9.0]]])  # the last predicts nothing
+    corrupted_logits = torch.tensor([[[0.0, 1.0, 1.0], [2.0, 0.0, 0.0], [9.0, 9.0, 9.0]]])
+    labels = torch.tensor([[IGNORE_INDEX, 1, 2]])  # position 0 predicts token 1, position 1 token 2
+    clean, corrupted = target_token_scores(clean_logits, labels), target_token_scores(corrupted_logits, labels)
+    expected = [math.log(math.exp(1) + math.exp(2) + 1) - math.log(1 + math.e + math.e)]
+    expected.append(math.log(math.exp(0.5) + math.exp(-1) + math.exp(3)) - math.log(math.exp(2) + 2))
+    assert log_normalizer_gap(clean, corrupted)[0].tolist() == pytest.approx(expected, abs=1e-6)
+
+    shifted = target_token_scores(clean_logits + 1.5, labels)  # every clean logit up by 1.5: no probability moves
+    assert (shifted.logit - clean.logit)[0].tolist() == pytest.approx([1.5, 1.5])
+    assert (shifted.logp - clean.logp).abs().max().item() < 1e-6
+    gap_change = log_normalizer_gap(shifted, corrupted) - log_normalizer_gap(clean, corrupted)
+    assert gap_change[0].tolist() == pytest.approx([1.5, 1.5], abs=1e-6)
+
+
 def test_weight_term_share_against_hand_computation():
     share = weight_term_share(torch.tensor([0.5, -1.5]), torch.tensor([2.0, 1.0]))
     assert share.item() == pytest.approx((0.5 + 1.5) / (0.5 + 1.5 + 2.0 + 1.0))
@@ -398,6 +415,14 @@ def test_monitor_values_of_the_batch_loss_against_hand_computation():
             ref_score = REF_CLEAN_LOGIT[row][i] - REF_CORRUPT_LOGIT[row][i]
             expected = policy_score - ref_score if in_response else 0.0
             assert result.score_drift[row, i].item() == pytest.approx(expected, abs=1e-6), (row, i)
+            policy_gap = (POLICY_CLEAN_LOGIT[row][i] - POLICY_CLEAN_LOGP[row][i]) - (
+                POLICY_CORRUPT_LOGIT[row][i] - POLICY_CORRUPT_LOGP[row][i]
+            )
+            ref_gap = (REF_CLEAN_LOGIT[row][i] - REF_CLEAN_LOGP[row][i]) - (
+                REF_CORRUPT_LOGIT[row][i] - REF_CORRUPT_LOGP[row][i]
+            )
+            expected = policy_gap - ref_gap if in_response else 0.0
+            assert result.normalizer_drift[row, i].item() == pytest.approx(expected, abs=1e-6), (row, i)
 
     # the margin's two parts: chosen minus rejected sum (log c^theta - log c^ref), and the same of log p
     weight_part, logp_part = [], []

@@ -31,7 +31,11 @@ from benchmarks.hallucination_world_v2.protocol import FULL, METHODS  # noqa: E4
 
 HERE = Path(__file__).resolve().parent
 SAVING = {"save_strategy": "steps", "save_steps": 5, "save_only_model": True}
-TRAJECTORY_METHODS = {**METHODS, "tpo_clip": {"stage": "tpo", "tpo_keys": stability.METHODS["tpo_clip"]}}
+TRAJECTORY_METHODS = {
+    **METHODS,
+    "tpo_clip": {"stage": "tpo", "tpo_keys": stability.METHODS["tpo_clip"]},
+    "tpo_logprob": {"stage": "tpo", "tpo_keys": {**METHODS["tpo"]["tpo_keys"], "tpo_score": "logprob"}},
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,18 +97,19 @@ def trajectory(protocol, directory: Path, kind: str, seed: int, method: str, lr:
     lines = [
         f"### {method} (final recall {final['recall']:.2f})",
         "",
-        "| step | recall | logps/chosen | × first | mean drift | weight-term share |",
-        "|---|---|---|---|---|---|",
+        "| step | recall | logps/chosen | × first | mean drift | normalizer drift | weight-term share |",
+        "|---|---|---|---|---|---|---|",
     ]
     first = final["history"][0]["logps/chosen"]
     for entry in final["history"]:
         step = str(entry["step"])
         drift = f"{stability.mean_drift(entry):+.2f}" if "tpo/score_drift_chosen" in entry else "—"
+        normalizer = f"{entry['tpo/normalizer_drift']:+.2f}" if "tpo/normalizer_drift" in entry else "—"
         share = f"{entry['tpo/weight_term_share']:.2f}" if "tpo/weight_term_share" in entry else "—"
         recall = f"{recalls[step]:.2f}" if step in recalls else ""
         lines.append(
             f"| {step} | {recall} | {entry['logps/chosen']:.2f} | {entry['logps/chosen'] / first:.2f} | "
-            f"{drift} | {share} |"
+            f"{drift} | {normalizer} | {share} |"
         )
     return "\n".join(lines)
 

@@ -106,6 +106,15 @@ def visual_score(clean: torch.Tensor, corrupted: torch.Tensor) -> torch.Tensor:
     return clean - corrupted
 
 
+def log_normalizer_gap(clean: TokenScores, corrupted: TokenScores) -> torch.Tensor:
+    r"""``logsumexp z(. | x, v) - logsumexp z(. | x, v_k)`` per token: the part of a logit score the vocabulary shares.
+
+    A logit visual score (§2) is the log-probability score plus this gap, since ``z = log p + logsumexp z``: a
+    model that raises every logit on the clean image raises its logit scores without changing any probability.
+    """
+    return (clean.logit - clean.logp) - (corrupted.logit - corrupted.logp)
+
+
 def log_token_weight(score: torch.Tensor, rejected: bool, offset: float) -> torch.Tensor:
     r"""``log c_i`` with ``c_i = a + sigmoid(s_i)`` for chosen and ``a + 1 - sigmoid(s_i)`` for rejected tokens (§3).
 
@@ -256,6 +265,7 @@ class TPOBatchLoss(NamedTuple):
     visual_score: torch.Tensor  # (2n, T) the policy's s, 0 off the response and on image-less rows
     token_weight: torch.Tensor  # (2n, T) the policy's c, 1 where no weight applies
     score_drift: torch.Tensor  # (2n, T) s^theta - s^ref; 0 where s is, and everywhere without ref_corrupted
+    normalizer_drift: torch.Tensor  # (2n, T) the policy's log_normalizer_gap minus the reference's; 0 as score_drift
     weight_term_share: Optional[torch.Tensor]  # () share of the margins from the weights; None if multiplicative
 
 
@@ -322,6 +332,12 @@ def tpo_batch_loss(
             policy_clean.logp[:num_pairs], torch.zeros_like(policy_clean.logp[:num_pairs]), mask[:num_pairs], True
         )
 
+    if ref_corrupted is None or policy_corrupted is None:
+        normalizer_drift = torch.zeros_like(policy_score)
+    else:
+        gap_drift = log_normalizer_gap(policy_clean, policy_corrupted) - log_normalizer_gap(ref_clean, ref_corrupted)
+        normalizer_drift = torch.where(has_image.unsqueeze(-1) & mask, gap_drift.detach(), 0.0)
+
     plain_logps = sequence_logps(policy_clean.logp.detach(), torch.zeros_like(policy_clean.logp), mask, average)
     chosen_logps, rejected_logps = plain_logps.split(num_pairs)
     return TPOBatchLoss(
@@ -333,5 +349,6 @@ def tpo_batch_loss(
         visual_score=policy_score.detach(),
         token_weight=policy_log_weight.detach().exp(),
         score_drift=torch.zeros_like(policy_score) if ref_corrupted is None else (policy_score - ref_score).detach(),
+        normalizer_drift=normalizer_drift,
         weight_term_share=share,
     )

@@ -474,5 +474,6 @@ class CustomTPOTrainer(CustomDPOTrainer):
             scored = mask & has_image.unsqueeze(-1)
             metrics["tpo/score_drift_chosen"] = masked_mean(result.score_drift[:num_pairs], scored[:num_pairs])
             metrics["tpo/score_drift_rejected"] = masked_mean(result.score_drift[num_pairs:], scored[num_pairs:])
+            metrics["tpo/normalizer_drift"] = masked_mean(result.normalizer_drift, scored)
             metrics["tpo/weight_term_share"] = result.weight_term_share
         return result.losses.mean(), {f"{prefix}{key}": value.item() for key, value in metrics.items()}
