@@ -7,7 +7,7 @@ trainer logs, at every step, ``tpo/score_drift_chosen`` and ``tpo/score_drift_re
 visual score minus the reference's on the same tokens) and ``tpo/weight_term_share`` (the share of the margins
 that comes from the weight term). ``RunawayMonitor`` reads them, with ``logps/chosen``, as they are logged and
 warns once, naming the step, when the run-away that ``benchmarks/hallucination_world_v2/STABILITY.md`` measured
-shows: the chosen answers losing their likelihood while the policy's visual scores have risen.
+shows: the chosen answers losing the likelihood they had reached while the policy's visual scores have risen.
 """
 
 from typing import Optional
@@ -23,49 +23,51 @@ logger = logging.get_logger("llamafactory.train.tpo")
 # grows): in every TPO run whose chosen answers' NLL doubled the policy's scores had drifted up (by 0.6 to 6.4 at
 # the end), such runs had lost object recall, and TPO's NLL doubled at learning rates where DPO's did not. On
 # two world seeds not used to set them (STABILITY_2.md) they did not warn in the two runs that kept their recall,
-# but in one of the two collapsed runs only once the model had collapsed: the warning can come late.
+# but in one of the two collapsed runs only once the model had collapsed: the warning can come late. TPO first
+# raises its chosen answers' likelihood, then loses it (TRAJECTORY.md), so the NLL is compared with the lowest it
+# reached rather than with its first value: in the four falls of that diagnosis this names the same step or 5 to
+# 35 steps earlier. STABILITY_3.md checks it on worlds that did not set it.
 NLL_GROWTH = 2.0
-"""Warn when the chosen answers' mean log-probability has fallen below this multiple of its first logged value
-(2: their NLL doubled)..."""
+"""Warn when the chosen answers' mean log-probability has fallen below this multiple of the highest it reached
+(2: their NLL doubled from its lowest)..."""
 
 DRIFT_THRESHOLD = 0.25
 """...while the policy's visual scores are above the reference's by more than this (logit units, mean of both
 answers): the fall comes with the weight term at work, not from the DPO part alone."""
 
 ADVICE = (
-    "lower `learning_rate`, set `tpo_weight_clip` (e.g. 0.1) to bound the weight term, or `tpo_detach_reward: "
-    "true` to train without it"
+    "set `pref_ftx` (e.g. 1.0) to keep the chosen answers likely, or lower `learning_rate`; `tpo_detach_reward: "
+    "true` trains without the weight term's gradient"
 )
 
 DRIFT_KEYS = ("tpo/score_drift_chosen", "tpo/score_drift_rejected")
 
 
-def runaway_message(logs: dict[str, float], step: int, first_chosen_logp: float) -> Optional[str]:
+def runaway_message(logs: dict[str, float], step: int, best_chosen_logp: float) -> Optional[str]:
     """The warning for one logged step, or None while the run has not run away.
 
-    ``first_chosen_logp`` is the run's first logged ``logps/chosen`` (negative: a log-probability).
+    ``best_chosen_logp`` is the highest ``logps/chosen`` the run has logged so far (negative: a log-probability).
     """
     if not all(key in logs for key in (*DRIFT_KEYS, "logps/chosen")):
         return None
     drift = (logs["tpo/score_drift_chosen"] + logs["tpo/score_drift_rejected"]) / 2
     chosen_logp = logs["logps/chosen"]
-    if chosen_logp >= NLL_GROWTH * first_chosen_logp or drift <= DRIFT_THRESHOLD:
+    if chosen_logp >= NLL_GROWTH * best_chosen_logp or drift <= DRIFT_THRESHOLD:
         return None
     return (
-        f"Stage tpo, step {step}: the chosen answers' mean log-probability fell from {first_chosen_logp:.2f} to "
-        f"{chosen_logp:.2f} while the policy's visual scores rose by {drift:.2f} over the reference's. The policy "
-        f"is being paid for making its tokens image-dependent rather than for keeping its chosen answers; in the "
-        f"project's controlled worlds, TPO runs past this point lost object recall, and TPO's chosen answers lost "
-        f"likelihood at learning rates where DPO's did not. The model may have lost it already (in one of the two "
-        f"collapses measured it had): evaluate the checkpoints saved before step {step}. To avoid it: {ADVICE}."
+        f"Stage tpo, step {step}: the chosen answers' mean log-probability fell from {best_chosen_logp:.2f}, the "
+        f"highest it reached, to {chosen_logp:.2f} while the policy's visual scores rose by {drift:.2f} over the "
+        f"reference's. The policy is being paid for making its tokens image-dependent rather than for keeping its "
+        f"chosen answers; in the project's controlled worlds, TPO runs past this point lost object recall. The "
+        f"model may have lost it already: evaluate the checkpoints saved before step {step}. To avoid it: {ADVICE}."
     )
 
 
 class RunawayMonitor(TrainerCallback):
     """Warns once per run, on the main process, when :func:`runaway_message` fires for a training log.
 
-    The first ``logps/chosen`` is read from the trainer state's log history, which a resumed run restores, so a
-    resume compares with the run's true start.
+    The highest ``logps/chosen`` is read from the trainer state's log history, which a resumed run restores, so a
+    resume compares with the whole run, not only its resumed part.
     """
 
     def __init__(self):
@@ -75,10 +77,10 @@ class RunawayMonitor(TrainerCallback):
         if self.warned or not logs or "loss" not in logs:
             return
         training_logs = (entry for entry in state.log_history if "loss" in entry and "logps/chosen" in entry)
-        first = next((entry["logps/chosen"] for entry in training_logs), None)
-        if first is None:
+        chosen_logps = [entry["logps/chosen"] for entry in training_logs]
+        if not chosen_logps:
             return
-        message = runaway_message(logs, state.global_step, first)
+        message = runaway_message(logs, state.global_step, max(chosen_logps))
         if message is not None:
             self.warned = True
             logger.warning_rank0(message)
