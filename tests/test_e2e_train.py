@@ -55,7 +55,7 @@ def test_qwen2_vl_lora_yaml_with_overrides_and_eval(model_dirs, dataset_dir, tmp
     # noise): no drift and no weight term; after one update both have moved.
     first, second = logs
     assert first["tpo/score_drift_chosen"] == 0.0 and first["tpo/score_drift_rejected"] == 0.0
-    assert first["tpo/weight_term_share"] == 0.0
+    assert first["tpo/weight_term_share"] == 0.0 and first["tpo/normalizer_drift"] == 0.0
     assert second["tpo/score_drift_chosen"] != 0.0 and 0.0 < second["tpo/weight_term_share"] < 1.0
     for name in [
         "adapter_model.safetensors",
@@ -68,6 +68,7 @@ def test_qwen2_vl_lora_yaml_with_overrides_and_eval(model_dirs, dataset_dir, tmp
         "training_tpo_score_chosen.png",
         "training_tpo_weight_rejected.png",
         "training_tpo_weight_term_share.png",
+        "training_tpo_normalizer_drift.png",
         "training_eval_loss.png",
     ]:
         assert (output_dir / name).is_file(), name

@@ -62,6 +62,7 @@ PLOT_KEYS = [
     "tpo/weight_rejected",
     "tpo/score_drift_chosen",
     "tpo/score_drift_rejected",
+    "tpo/normalizer_drift",
     "tpo/weight_term_share",
 ]
 
