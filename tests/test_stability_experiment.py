@@ -58,3 +58,37 @@ def test_second_check_reads_the_step_the_shipped_monitor_names(tmp_path):
     assert stability_heldout.warning_step(log) == 35
     log.write_text("[INFO] {'loss': 0.3, 'logps/chosen': -9.0}\n")
     assert stability_heldout.warning_step(log) is None
+
+
+def test_third_check_verdicts_on_hand_written_runs(tmp_path):
+    from benchmarks.hallucination_world_v2 import stability_anchor
+
+    def record(kind, variant, recall, prior=0.1, chair=0.1, warned=None):
+        r = {"world_kind": kind, "variant": variant, "recall": recall, "prior_hallucination": prior, "chair_i": chair}
+        if variant.startswith("tpo"):
+            step, held = warned or (None, None)
+            r.update(warning_step=step, recall_at_warning=held, history=[entry(100, 0.1, 2.0)])
+        return r
+
+    records = [
+        record("pixel", "sft", 0.80),
+        record("pixel", "dpo", 0.70),
+        record("pixel", "dpo_anchor", 0.78, prior=0.20, chair=0.10),
+        record("pixel", "tpo", 0.30, warned=(40, 0.60)),  # collapsed (< 0.40), warned while at 0.60
+        record("pixel", "tpo_anchor", 0.79, prior=0.15, chair=0.12),
+        record("word", "sft", 0.90),
+        record("word", "dpo", 0.85),
+        record("word", "dpo_anchor", 0.88),
+        record("word", "tpo", 0.70, warned=(25, 0.85)),  # degraded (< 0.81), warned while still at 0.85
+        record("word", "tpo_anchor", 0.86, warned=(60, 0.86)),  # warned, not degraded: a false alarm
+    ]
+    report = tmp_path / "STABILITY_3.md"
+    stability_anchor.write_report(records, report, 60.0, 2)
+    text = report.read_text()
+    assert "**Monitor warns before collapse**: yes — 1 of 1 collapsed TPO runs" in text
+    assert "Degraded TPO runs: 2, of which 1 warned while recall was still at least 0.9" in text
+    assert "**Monitor's false alarms** (warned, not degraded): 1 of 4 TPO runs" in text
+    assert "**Guard prevents collapse**: yes — `tpo` did in pixel; `tpo_anchor` did too in 0 of them" in text
+    assert "**Guard prevents degradation**: yes — `tpo` did in pixel, word; `tpo_anchor` did too in 0" in text
+    assert "pixel: prior hallucination -0.050, CHAIR_i +0.020, recall +0.010" in text
+    assert "| pixel-5 | tpo | 0.30 (0.80) | 0.100 | 0.100 | yes | yes | 40 | 0.60 | +2.00 |" in text

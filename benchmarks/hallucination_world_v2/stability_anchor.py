@@ -118,7 +118,7 @@ def write_report(records: list[dict], path: Path, seconds: float, jobs: int) -> 
     sections = [
         "# Stability, third check: the likelihood anchor and the earlier warning on fresh worlds — results (#19)",
         f"Written by `python -m benchmarks.hallucination_world_v2.stability_anchor` ({len(records)} runs including "
-        f"the worlds' SFT, {jobs} at a time, on {platform.processor() or platform.machine()}; this invocation took "
+        f"the worlds' SFT, {jobs} at a time, on {cpu_model()}; this invocation took "
         f"{seconds / 60:.0f} min, reusing runs an earlier one had finished). Rules: STABILITY_PROTOCOL_3.md, fixed "
         f"before these runs. Learning rate {LEARNING_RATE:g}; `_anchor`: `pref_ftx: 1.0`. Collapsed: object recall "
         f"below {stability.COLLAPSE_FRACTION:g} × the world's SFT recall; degraded: below "
@@ -170,6 +170,16 @@ def verdicts(by_key: dict, sft: dict, collapsed, degraded) -> str:
             f"- **`tpo_anchor` minus `dpo_anchor`** (negative: TPO hallucinates less): {'; '.join(gains)}.",
         ]
     )
+
+
+def cpu_model() -> str:
+    """The CPU's model name (the worlds' outcomes differ across CPUs, TRAJECTORY.md), or the architecture."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 def _yes(value: bool) -> str:
