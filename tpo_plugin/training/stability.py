@@ -25,8 +25,9 @@ logger = logging.get_logger("llamafactory.train.tpo")
 # two world seeds not used to set them (STABILITY_2.md) they did not warn in the two runs that kept their recall,
 # but in one of the two collapsed runs only once the model had collapsed: the warning can come late. TPO first
 # raises its chosen answers' likelihood, then loses it (TRAJECTORY.md), so the NLL is compared with the lowest it
-# reached rather than with its first value: in the four falls of that diagnosis this names the same step or 5 to
-# 35 steps earlier. STABILITY_3.md checks it on worlds that did not set it.
+# reached rather than with its first value: in that diagnosis's five TPO runs this names the same step once and
+# 5 to 35 steps earlier in the other four. STABILITY_3.md checks it on worlds that did not set it (in time for the
+# one collapse there, but after recall had begun to fall).
 NLL_GROWTH = 2.0
 """Warn when the chosen answers' mean log-probability has fallen below this multiple of the highest it reached
 (2: their NLL doubled from its lowest)..."""
