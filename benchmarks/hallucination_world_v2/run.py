@@ -121,6 +121,18 @@ def preference_jobs(protocol: Protocol, directory: Path, kind: str, seed: int) -
     ]
 
 
+def check_arguments(description: str, out: Path, results: Path, argv: list[str] | None) -> argparse.Namespace:
+    """A stability check's command line (``--out``, ``--results``, ``--jobs``); sets one thread per run, no hub."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=out, help="run folder (default: %(default)s)")
+    parser.add_argument("--results", type=Path, default=results, help="report path")
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained side by side (default: 2)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    os.environ.update(train.OFFLINE_ENV)
+    return args
+
+
 def preference_job(
     protocol: Protocol,
     directory: Path,

@@ -10,11 +10,9 @@ world seed. Writes ``STABILITY.md`` (rules: STABILITY_PROTOCOL.md, fixed before 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
-import os
 import sys
 import time
 import types
@@ -26,13 +24,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
 
 if __package__ in (None, ""):  # run as a script: make the repository importable as the package's root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.hallucination_world import train  # noqa: E402
 from benchmarks.hallucination_world_v2 import analysis, report, run  # noqa: E402
 from benchmarks.hallucination_world_v2.protocol import FULL, TPO_DEFAULTS  # noqa: E402
 
@@ -52,13 +48,7 @@ MONITOR_KEYS = ("tpo/score_drift_chosen", "tpo/score_drift_rejected", "tpo/weigh
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=run.DEFAULT_OUT, help="the v2 run folder (default: %(default)s)")
-    parser.add_argument("--results", type=Path, default=HERE / "STABILITY.md", help="report path")
-    parser.add_argument("--jobs", type=int, default=2, help="runs trained side by side (default: 2)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    os.environ.update(train.OFFLINE_ENV)
+    args = run.check_arguments(__doc__, run.DEFAULT_OUT, HERE / "STABILITY.md", argv)
     start = time.perf_counter()
     v2_runs = run.run_protocol(FULL, args.out.resolve(), args.jobs)  # reused where finished
     worlds = [(kind, seed) for seed in FULL.world_seeds for kind in FULL.world_kinds]

@@ -10,22 +10,17 @@ steps, so the model held when the shipped monitor warned is evaluated too. Resum
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
 
 if __package__ in (None, ""):  # run as a script: make the repository importable as the package's root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.hallucination_world import train  # noqa: E402
 from benchmarks.hallucination_world_v2 import run, stability, stability_heldout  # noqa: E402
 from benchmarks.hallucination_world_v2.protocol import FULL, TPO_DEFAULTS  # noqa: E402
 from benchmarks.hallucination_world_v2.world import PIXEL, WORD  # noqa: E402
@@ -49,13 +44,7 @@ ANCHORED_METHODS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=HERE / "runs_anchor", help="run folder (default: %(default)s)")
-    parser.add_argument("--results", type=Path, default=HERE / "STABILITY_3.md", help="report path")
-    parser.add_argument("--jobs", type=int, default=2, help="runs trained side by side (default: 2)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    os.environ.update(train.OFFLINE_ENV)
+    args = run.check_arguments(__doc__, HERE / "runs_anchor", HERE / "STABILITY_3.md", argv)
     start = time.perf_counter()
     out = args.out.resolve()
     base_runs = run.run_protocol(PROTOCOL, out, args.jobs)  # worlds, SFT and DPO
