@@ -1,5 +1,7 @@
 """The stability experiment's rules (``benchmarks/hallucination_world_v2/stability.py``) on hand-written logs."""
 
+import pytest
+
 from benchmarks.hallucination_world_v2 import stability
 
 
@@ -92,3 +94,61 @@ def test_third_check_verdicts_on_hand_written_runs(tmp_path):
     assert "**Guard prevents degradation**: yes — `tpo` did in pixel, word; `tpo_anchor` did too in 0" in text
     assert "pixel: prior hallucination -0.050, CHAIR_i +0.020, recall +0.010" in text
     assert "| pixel-5 | tpo | 0.30 (0.80) | 0.100 | 0.100 | yes | yes | 40 | 0.60 | +2.00 |" in text
+
+
+def test_fourth_check_compares_methods_at_matched_recall(tmp_path):
+    from benchmarks.hallucination_world_v2 import stability_gain
+
+    # Every method's three runs lie at recall 0.7, 0.6, 0.5 with prior hallucination 0.4, 0.3, 0.2 less its
+    # offset, and every frontier starts at SFT's (0.8, 0.5). Two methods then differ by d = their offsets'
+    # difference at the levels 0.50 … 0.70 (21 levels) and by d × 0.9, 0.8, …, 0 at 0.71 … 0.80: D = d × 25.5 / 31.
+    taper = 25.5 / 31
+    offsets = {  # (tpo, dpo_anchor, tpo_anchor); dpo's is 0
+        ("pixel", 6): (0.1, 0.0, 0.05),  # TPO gains, and keeps it anchored
+        ("pixel", 7): (-0.1, 0.0, 0.0),  # TPO worse; its run at 1e-4 collapses (set below)
+        ("word", 6): (0.1, 0.0, -0.05),  # TPO gains, loses it anchored
+        ("word", 7): (0.2, 0.0, 0.2),  # TPO gains, keeps it anchored
+    }
+    records = []
+    for (kind, seed), (tpo, dpo_anchor, tpo_anchor) in offsets.items():
+        base = {"world_kind": kind, "world_seed": seed, "chair_i": 0.1}
+        records.append({**base, "variant": "sft", "learning_rate": 0.0, "recall": 0.8, "prior_hallucination": 0.5})
+        method_offsets = {"dpo": 0.0, "dpo_anchor": dpo_anchor, "tpo": tpo, "tpo_anchor": tpo_anchor}
+        for method, offset in method_offsets.items():
+            lrs = stability_gain.PROTOCOL.learning_rates[kind]
+            for lr, recall, prior in zip(lrs, (0.7, 0.6, 0.5), (0.4, 0.3, 0.2), strict=True):
+                record = {**base, "variant": method, "learning_rate": lr, "recall": recall}
+                record["prior_hallucination"] = prior - offset
+                if method.startswith("tpo"):
+                    record.update(warning_step=None, recall_at_warning=None)
+                records.append(record)
+    by_key = {(r["world_kind"], r["world_seed"], r["variant"], r["learning_rate"]): r for r in records}
+    by_key["pixel", 7, "tpo", 1e-4].update(recall=0.3, warning_step=30, recall_at_warning=0.5)  # below 0.4
+    by_key["word", 7, "tpo_anchor", 1e-5].update(warning_step=10, recall_at_warning=0.7)  # degraded: no alarm
+
+    for (kind, seed), (tpo, _, _) in offsets.items():
+        anchored, span = stability_gain.matched_difference(records, kind, seed, "tpo_anchor", "dpo_anchor", "chair_i")
+        assert anchored == pytest.approx(0.0) and span == (0.5, 0.8)
+        if (kind, seed) != ("pixel", 7):
+            d, _ = stability_gain.matched_difference(records, kind, seed, "tpo", "dpo", "prior_hallucination")
+            assert d == pytest.approx(-tpo * taper)
+
+    report = tmp_path / "STABILITY_4.md"
+    stability_gain.write_report(records, report, 60.0, 2)
+    text = report.read_text()
+    plain, anchored = -(0.1 + 0.1 + 0.2) / 3 * taper, -(0.05 - 0.05 + 0.2) / 3 * taper
+    assert "**TPO has a gain** (D(tpo − dpo) < 0 on prior hallucination): 3 of 4 worlds (pixel 1 of 2, word 2" in text
+    assert (
+        f"**The anchor keeps TPO's gain**: no — the anchored gain is negative in 2 of the 3 worlds where TPO gained "
+        f"(pixel-6, word-7); over them, mean D(tpo_anchor − dpo_anchor) {anchored:+.3f} against mean D(tpo − dpo) "
+        f"{plain:+.3f} ({anchored / plain:.2f} of it)"
+    ) in text
+    assert "**Monitor warns before collapse** (lr 0.0001): yes — 1 of 1 collapsed TPO runs (pixel-7 tpo)" in text
+    assert "**Guard prevents collapse** (lr 0.0001): yes — `tpo` collapsed in pixel-7; `tpo_anchor` did too in 0" in (
+        text
+    )
+    assert "**TPO's own collapses** (`tpo` collapsed, `dpo` did not, lr 0.0001): 1 (pixel-7)" in text
+    assert "**False alarms** (warned, not degraded; every learning rate): 0 of 24 TPO runs" in text
+    assert "| pixel-7 | 0.0001 | tpo | 0.30 (0.80) | 0.300 | 0.100 | yes | yes | 30 | 0.50 |" in text
+    word_6 = f"| word-6 | prior hallucination | {-0.1 * taper:+.3f} (0.50–0.80) | {0.05 * taper:+.3f} (0.50–0.80) |"
+    assert word_6 in text

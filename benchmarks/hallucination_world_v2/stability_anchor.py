@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.hallucination_world_v2 import run, stability, stability_heldout  # noqa: E402
-from benchmarks.hallucination_world_v2.protocol import FULL, TPO_DEFAULTS  # noqa: E402
+from benchmarks.hallucination_world_v2.protocol import FULL, TPO_DEFAULTS, Protocol  # noqa: E402
 from benchmarks.hallucination_world_v2.world import PIXEL, WORD  # noqa: E402
 
 
@@ -48,20 +48,21 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     out = args.out.resolve()
     base_runs = run.run_protocol(PROTOCOL, out, args.jobs)  # worlds, SFT and DPO
-    jobs = [job for kind in PROTOCOL.world_kinds for job in anchored_jobs(out, kind, PROTOCOL.world_seeds[0])]
+    seed = PROTOCOL.world_seeds[0]
+    jobs = [job for kind in PROTOCOL.world_kinds for job in anchored_jobs(PROTOCOL, out, kind, seed, LEARNING_RATE)]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        runs = list(pool.map(one_run, jobs))
+        runs = list(pool.map(lambda job: one_run(job, PROTOCOL), jobs))
     write_report(base_runs + runs, args.results, time.perf_counter() - start, args.jobs)
     print(f"[stability-anchor] {len(base_runs) + len(runs)} runs; report: {args.results}")
     return 0
 
 
-def anchored_jobs(out: Path, kind: str, seed: int) -> list[run.Job]:
-    """``dpo_anchor``, ``tpo`` and ``tpo_anchor`` at the protocol's learning rate; the TPO runs save every 5 steps."""
+def anchored_jobs(protocol: Protocol, out: Path, kind: str, seed: int, lr: float) -> list[run.Job]:
+    """``dpo_anchor``, ``tpo`` and ``tpo_anchor`` at learning rate ``lr``; the TPO runs save every 5 steps."""
     directory = run.world_dir(out, kind, seed)
     jobs = []
     for method, settings in ANCHORED_METHODS.items():
-        job = run.preference_job(PROTOCOL, directory, kind, seed, method, settings, LEARNING_RATE)
+        job = run.preference_job(protocol, directory, kind, seed, method, settings, lr)
         if method.endswith("_anchor"):
             job.recipe.update(ANCHOR)  # LLaMA-Factory key of both stages (preference_recipe adds tpo_keys to TPO only)
         if settings["stage"] == "tpo":
@@ -70,10 +71,10 @@ def anchored_jobs(out: Path, kind: str, seed: int) -> list[run.Job]:
     return jobs
 
 
-def one_run(job: run.Job) -> dict:
+def one_run(job: run.Job, protocol: Protocol) -> dict:
     if job.recipe["stage"] == "tpo":  # with its warning step and the recall of that step's checkpoint
         return stability_heldout.watched_run(job)
-    return run.run_job(job, PROTOCOL)
+    return run.run_job(job, protocol)
 
 
 def write_report(records: list[dict], path: Path, seconds: float, jobs: int) -> None:
