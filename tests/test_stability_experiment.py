@@ -85,8 +85,10 @@ def test_third_check_verdicts_on_hand_written_runs(tmp_path):
         record("word", "tpo_anchor", 0.86, warned=(60, 0.86)),  # warned, not degraded: a false alarm
     ]
     report = tmp_path / "STABILITY_3.md"
-    stability_anchor.write_report(records, report, 60.0, 2)
+    report.write_text("# an earlier report\n\n## Verdicts\n\n- old\n\n## What led here\n\nexplored by hand\n")
+    stability_anchor.write_report(records, report, 2)
     text = report.read_text()
+    assert "- old" not in text and text.endswith("## What led here\n\nexplored by hand\n")  # the hand-written part
     assert "**Monitor warns before collapse**: yes — 1 of 1 collapsed TPO runs" in text
     assert "Degraded TPO runs: 2, of which 1 warned while recall was still at least 0.9" in text
     assert "**Monitor's false alarms** (warned, not degraded): 1 of 4 TPO runs" in text
@@ -134,7 +136,7 @@ def test_fourth_check_compares_methods_at_matched_recall(tmp_path):
             assert d == pytest.approx(-tpo * taper)
 
     report = tmp_path / "STABILITY_4.md"
-    stability_gain.write_report(records, report, 60.0, 2)
+    stability_gain.write_report(records, report, 2)
     text = report.read_text()
     plain, anchored = -(0.1 + 0.1 + 0.2) / 3 * taper, -(0.05 - 0.05 + 0.2) / 3 * taper
     assert "**TPO has a gain** (D(tpo − dpo) < 0 on prior hallucination): 3 of 4 worlds (pixel 1 of 2, word 2" in text

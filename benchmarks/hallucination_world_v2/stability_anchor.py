@@ -36,6 +36,7 @@ PROTOCOL = dataclasses.replace(
     view_learning_rates={PIXEL: LEARNING_RATE, WORD: LEARNING_RATE},
 )
 ANCHOR = {"pref_ftx": 1.0}
+EXPLORATION = "## What led here"  # the report's hand-written section, appended after its first run
 ANCHORED_METHODS = {
     "dpo_anchor": {"stage": "dpo", "tpo_keys": {}},
     "tpo": {"stage": "tpo", "tpo_keys": TPO_DEFAULTS},
@@ -52,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [job for kind in PROTOCOL.world_kinds for job in anchored_jobs(PROTOCOL, out, kind, seed, LEARNING_RATE)]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         runs = list(pool.map(lambda job: one_run(job, PROTOCOL), jobs))
-    write_report(base_runs + runs, args.results, time.perf_counter() - start, args.jobs)
-    print(f"[stability-anchor] {len(base_runs) + len(runs)} runs; report: {args.results}")
+    write_report(base_runs + runs, args.results, args.jobs)
+    print(
+        f"[stability-anchor] {len(base_runs) + len(runs)} runs in {time.perf_counter() - start:.0f} s; "
+        f"report: {args.results}"
+    )
     return 0
 
 
@@ -77,7 +81,8 @@ def one_run(job: run.Job, protocol: Protocol) -> dict:
     return run.run_job(job, protocol)
 
 
-def write_report(records: list[dict], path: Path, seconds: float, jobs: int) -> None:
+def write_report(records: list[dict], path: Path, jobs: int) -> None:
+    """Write the report; a hand-written section from ``EXPLORATION`` on in an earlier report is kept."""
     by_key = {(r["world_kind"], r["variant"]): r for r in records}
     sft = {kind: by_key[kind, "sft"]["recall"] for kind in PROTOCOL.world_kinds}
 
@@ -108,15 +113,17 @@ def write_report(records: list[dict], path: Path, seconds: float, jobs: int) -> 
     sections = [
         "# Stability, third check: the likelihood anchor and the earlier warning on fresh worlds — results (#19)",
         f"Written by `python -m benchmarks.hallucination_world_v2.stability_anchor` ({len(records)} runs including "
-        f"the worlds' SFT, {jobs} at a time, on {cpu_model()}; this invocation took "
-        f"{seconds / 60:.0f} min, reusing runs an earlier one had finished). Rules: STABILITY_PROTOCOL_3.md, fixed "
+        f"the worlds' SFT, {jobs} at a time, on {cpu_model()}; {run_minutes(records):.0f} min of training and "
+        f"evaluation summed over the runs). Rules: STABILITY_PROTOCOL_3.md, fixed "
         f"before these runs. Learning rate {LEARNING_RATE:g}; `_anchor`: `pref_ftx: 1.0`. Collapsed: object recall "
         f"below {stability.COLLAPSE_FRACTION:g} × the world's SFT recall; degraded: below "
         f"{stability_heldout.DEGRADED_FRACTION:g} ×.",
         "## Runs\n\n" + "\n".join(lines),
         "## Verdicts\n\n" + verdicts(by_key, sft, collapsed, degraded),
     ]
-    path.write_text("\n\n".join(sections) + "\n")
+    earlier = path.read_text() if path.exists() else ""
+    kept = earlier[earlier.index(EXPLORATION) :].rstrip("\n") if EXPLORATION in earlier else None
+    path.write_text("\n\n".join(sections + ([kept] if kept else [])) + "\n")
 
 
 def verdicts(by_key: dict, sft: dict, collapsed, degraded) -> str:
@@ -160,6 +167,11 @@ def verdicts(by_key: dict, sft: dict, collapsed, degraded) -> str:
             f"- **`tpo_anchor` minus `dpo_anchor`** (negative: TPO hallucinates less): {'; '.join(gains)}.",
         ]
     )
+
+
+def run_minutes(records: list[dict]) -> float:
+    """The runs' training and final evaluation time, summed: the same however many invocations produced them."""
+    return sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in records) / 60
 
 
 def cpu_model() -> str:

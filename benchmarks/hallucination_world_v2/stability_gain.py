@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     records = base_runs + runs
     for kind in PROTOCOL.world_kinds:
         plot_frontiers(records, kind, args.results.parent / f"stability_gain_{kind}.png")
-    write_report(records, args.results, time.perf_counter() - start, args.jobs)
-    print(f"[stability-gain] {len(records)} runs; report: {args.results}")
+    write_report(records, args.results, args.jobs)
+    print(f"[stability-gain] {len(records)} runs in {time.perf_counter() - start:.0f} s; report: {args.results}")
     return 0
 
 
@@ -86,7 +86,7 @@ def matched_difference(
     return analysis.mean_over_levels({level: values[a][level] - values[b][level] for level in levels}), span
 
 
-def write_report(records: list[dict], path: Path, seconds: float, jobs: int) -> None:
+def write_report(records: list[dict], path: Path, jobs: int) -> None:
     worlds = [(kind, seed) for seed in PROTOCOL.world_seeds for kind in PROTOCOL.world_kinds]
     by_key = {(r["world_kind"], r["world_seed"], r["variant"], r["learning_rate"]): r for r in records}
     sft = {(kind, seed): by_key[kind, seed, "sft", 0.0]["recall"] for kind, seed in worlds}
@@ -120,8 +120,9 @@ def write_report(records: list[dict], path: Path, seconds: float, jobs: int) -> 
     sections = [
         "# Stability, fourth check: does the likelihood anchor keep TPO's gain along the trade-off — results (#19)",
         f"Written by `python -m benchmarks.hallucination_world_v2.stability_gain` ({len(records)} runs including "
-        f"the worlds' SFT, {jobs} at a time, on {stability_anchor.cpu_model()}; this invocation took "
-        f"{seconds / 60:.0f} min, reusing runs an earlier one had finished). Rules: STABILITY_PROTOCOL_4.md, fixed "
+        f"the worlds' SFT, {jobs} at a time, on {stability_anchor.cpu_model()}; "
+        f"{stability_anchor.run_minutes(records):.0f} min of training and evaluation summed over the runs). Rules: "
+        f"STABILITY_PROTOCOL_4.md, fixed "
         f"before these runs. `_anchor`: `pref_ftx: {stability_anchor.ANCHOR['pref_ftx']:g}`. Collapsed: object "
         f"recall below {stability.COLLAPSE_FRACTION:g} × the world's SFT recall; degraded: below "
         f"{stability_heldout.DEGRADED_FRACTION:g} ×.",
