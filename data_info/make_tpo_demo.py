@@ -30,8 +30,15 @@ def draw_object(paint: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int,
     elif kind == "box":
         paint.rectangle(box, fill=fill)
     else:
-        paint.polygon([((left + right) // 2, top), (right, (top + bottom) // 2), ((left + right) // 2, bottom),
-                       (left, (top + bottom) // 2)], fill=fill)
+        paint.polygon(
+            [
+                ((left + right) // 2, top),
+                (right, (top + bottom) // 2),
+                ((left + right) // 2, bottom),
+                (left, (top + bottom) // 2),
+            ],
+            fill=fill,
+        )
 
 
 def phrase(items: list[str]) -> str:
@@ -55,12 +62,14 @@ def main() -> None:
 
         present = [f"a {colour} {kind}" for colour, kind in objects]
         absent = f"a {rng.choice(ABSENT_OBJECTS)}"
-        rows.append({
-            "conversations": [{"from": "human", "value": "<image>" + QUESTIONS[index % len(QUESTIONS)]}],
-            "chosen": {"from": "gpt", "value": f"The picture shows {phrase(present)}."},
-            "rejected": {"from": "gpt", "value": f"The picture shows {phrase(present + [absent])}."},
-            "images": [name],
-        })
+        rows.append(
+            {
+                "conversations": [{"from": "human", "value": "<image>" + QUESTIONS[index % len(QUESTIONS)]}],
+                "chosen": {"from": "gpt", "value": f"The picture shows {phrase(present)}."},
+                "rejected": {"from": "gpt", "value": f"The picture shows {phrase(present + [absent])}."},
+                "images": [name],
+            }
+        )
 
     (HERE / "tpo_demo.json").write_text(json.dumps(rows, indent=1) + "\n")
 
