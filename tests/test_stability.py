@@ -29,6 +29,13 @@ def test_rule_needs_both_a_fallen_chosen_logp_and_a_drift():
     assert "checkpoints saved before step 37" in message  # the warning can come after the collapse
 
 
+def test_rule_needs_a_fall_of_a_nat_when_the_chosen_answers_are_nearly_certain():
+    drift, best = 4 * stability.DRIFT_THRESHOLD, -0.1
+    assert runaway_message(logs(-0.9, drift, drift), 10, best) is None  # NLL nine times its lowest, 0.8 nats
+    assert runaway_message(logs(-1.1, drift, drift), 10, best) is not None  # 1.0 nat: e times less likely
+    assert runaway_message(logs(-1.9, drift, drift), 10, -1.0) is None  # a nat and more, but NLL not doubled
+
+
 def test_rule_is_silent_without_the_monitor_keys():
     assert runaway_message({"loss": 0.3, "logps/chosen": -9.0, "tpo/score_chosen": 9.0}, 5, -1.0) is None
 

@@ -7,7 +7,8 @@ trainer logs, at every step, ``tpo/score_drift_chosen`` and ``tpo/score_drift_re
 visual score minus the reference's on the same tokens) and ``tpo/weight_term_share`` (the share of the margins
 that comes from the weight term). ``RunawayMonitor`` reads them, with ``logps/chosen``, as they are logged and
 warns once, naming the step, when the run-away that ``benchmarks/hallucination_world_v2/STABILITY.md`` measured
-shows: the chosen answers losing the likelihood they had reached while the policy's visual scores have risen.
+shows: the chosen answers losing the likelihood they had reached (their NLL doubled, and by a nat at least) while
+the policy's visual scores have risen.
 """
 
 from typing import Optional
@@ -32,6 +33,15 @@ NLL_GROWTH = 2.0
 """Warn when the chosen answers' mean log-probability has fallen below this multiple of the highest it reached
 (2: their NLL doubled from its lowest)..."""
 
+# Doubling alone is noise when the chosen answers are nearly certain: in STABILITY_4.md four of the five runs that
+# warned without losing recall had a highest logps/chosen of -0.06 to -0.12 and warned on a fall of 0.10 to 0.17
+# nats. Over the 39 TPO runs of checks 3 and 4 and their exploration, asking for a fall of one nat as well cut
+# such warnings from 9 to 3 and still warned in both collapsed runs (one of them a log later, at step 35 instead of
+# 30); it warned in 2 fewer of the degraded runs. STABILITY_5.md checks it on worlds that did not set it.
+NLL_FALL = 1.0
+"""...and by at least this many nats (1: the chosen answers became at least e times less likely than at their
+best)..."""
+
 DRIFT_THRESHOLD = 0.25
 """...while the policy's visual scores are above the reference's by more than this (logit units, mean of both
 answers): the fall comes with the weight term at work, not from the DPO part alone."""
@@ -53,7 +63,8 @@ def runaway_message(logs: dict[str, float], step: int, best_chosen_logp: float) 
         return None
     drift = (logs["tpo/score_drift_chosen"] + logs["tpo/score_drift_rejected"]) / 2
     chosen_logp = logs["logps/chosen"]
-    if chosen_logp >= NLL_GROWTH * best_chosen_logp or drift <= DRIFT_THRESHOLD:
+    fallen = chosen_logp < NLL_GROWTH * best_chosen_logp and best_chosen_logp - chosen_logp >= NLL_FALL
+    if not fallen or drift <= DRIFT_THRESHOLD:
         return None
     return (
         f"Stage tpo, step {step}: the chosen answers' mean log-probability fell from {best_chosen_logp:.2f}, the "
