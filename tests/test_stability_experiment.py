@@ -154,3 +154,45 @@ def test_fourth_check_compares_methods_at_matched_recall(tmp_path):
     assert "| pixel-7 | 0.0001 | tpo | 0.30 (0.80) | 0.300 | 0.100 | yes | yes | 30 | 0.50 |" in text
     word_6 = f"| word-6 | prior hallucination | {-0.1 * taper:+.3f} (0.50–0.80) | {0.05 * taper:+.3f} (0.50–0.80) |"
     assert word_6 in text
+
+
+def test_fifth_check_replays_both_rules_and_compares_them(tmp_path):
+    from benchmarks.hallucination_world_v2 import stability_floor
+
+    nearly_certain = [entry(5, 0.1, 0.5, -0.1), entry(10, 0.1, 0.5, -0.3), entry(15, 0.1, 0.5, -1.5)]
+    assert stability_floor.replayed_step(nearly_certain, 0.0) == 10  # -0.3 is below twice -0.1: 0.2 nats
+    assert stability_floor.replayed_step(nearly_certain, 1.0) == 15  # 1.4 nats below the highest
+    assert stability_floor.replayed_step([entry(5, 0.1, 0.2, -0.1), entry(10, 0.1, 0.2, -9.0)], 0.0) is None
+
+    records = []
+    for kind, lrs in stability_floor.TPO_RATES.items():
+        for seed in stability_floor.PROTOCOL.world_seeds:
+            base = {"world_kind": kind, "world_seed": seed}
+            records += [
+                {**base, "variant": "sft", "learning_rate": 0.0, "recall": 0.8},
+                {**base, "variant": "dpo", "learning_rate": 1e-4, "recall": 0.7},
+            ]
+            for lr in lrs:
+                for method in ("tpo", "tpo_anchor"):
+                    unwarned = {"warnings": {"logged": [None, None], "doubling": [None, None]}, "replayed_floor": None}
+                    records.append({**base, "variant": method, "learning_rate": lr, "recall": 0.78, **unwarned})
+    by_key = {(r["world_kind"], r["world_seed"], r["variant"], r["learning_rate"]): r for r in records}
+    # pixel-8 tpo at 1e-4 collapses (0.3 < 0.4): both rules warn, the doubling rule in time (0.6), the floor late
+    by_key["pixel", 8, "tpo", 1e-4].update(recall=0.3, warnings={"logged": [40, 0.35], "doubling": [20, 0.6]})
+    by_key["pixel", 8, "tpo", 1e-4]["replayed_floor"] = 40
+    # word-9 tpo_anchor at 1e-5 keeps its recall: the doubling rule warns (a false alarm), the floor does not
+    by_key["word", 9, "tpo_anchor", 1e-5]["warnings"]["doubling"] = [25, 0.79]
+    # word-8 tpo at 3e-5 degrades (0.7 < 0.72) and neither rule warns; the replay disagrees with the log here
+    by_key["word", 8, "tpo", 3e-5].update(recall=0.7, replayed_floor=15)
+    report = tmp_path / "STABILITY_5.md"
+    stability_floor.write_report(records, report, 2)
+    text = report.read_text()
+    assert "**Consistency**: the replayed floor rule names the monitor's logged step in 23 of 24 TPO runs: no" in text
+    assert "**Floor rule**: warns before collapse no (0 of 1); false alarms 0 of 24; missed 1 of 2 degraded" in text
+    assert "**Doubling rule**: warns before collapse yes (1 of 1); false alarms 1 of 24; missed 1 of 2" in text
+    assert (
+        "**The floor is kept** (fewer false alarms, and in time for every collapse the doubling rule was): no" in text
+    )
+    assert "yes — `tpo` collapsed in pixel-8; `tpo_anchor` did too in 0 of them. **TPO's own collapses** " in text
+    assert "(`dpo` held): 1 (pixel-8)" in text
+    assert "| pixel-8 | 0.0001 | tpo | 0.30 (0.80) | yes | yes | 40, 0.35 | 20, 0.60 | 0.70 |" in text

@@ -82,18 +82,23 @@ def watched_run(job: run.Job) -> dict:
     record = stability.with_history(run.run_job(job, PROTOCOL))
     extra = job.run_dir / "warning.json"
     if not extra.exists():
-        step = warning_step(job.run_dir / "train.log")
-        recall = None
-        if step is not None and job.recipe.get("save_strategy") == "steps":  # the saving check's run keeps none
-            metrics = evaluate.evaluate_model(
-                job.run_dir / f"checkpoint-{step}", job.world_dir, PROTOCOL.eval_batch_size
-            )
-            recall = metrics["metrics"]["recall"]
-        for checkpoint in job.run_dir.glob("checkpoint-*"):
-            if checkpoint.name != f"checkpoint-{step}":
-                shutil.rmtree(checkpoint)
+        step, recall = warning_step(job.run_dir / "train.log"), None
+        if job.recipe.get("save_strategy") == "steps":  # the saving check's run keeps none
+            recall = checkpoint_recalls(job, [step])[step]
         extra.write_text(json.dumps({"warning_step": step, "recall_at_warning": recall}))
     return {**record, **json.loads(extra.read_text())}
+
+
+def checkpoint_recalls(job: run.Job, steps: list[int | None]) -> dict:
+    """Object recall of the run's checkpoint at each step (None for a step that is None); deletes the others."""
+    recalls = {}
+    for step in set(steps) - {None}:
+        metrics = evaluate.evaluate_model(job.run_dir / f"checkpoint-{step}", job.world_dir, PROTOCOL.eval_batch_size)
+        recalls[step] = metrics["metrics"]["recall"]
+    for checkpoint in job.run_dir.glob("checkpoint-*"):
+        if checkpoint.name not in {f"checkpoint-{step}" for step in recalls}:
+            shutil.rmtree(checkpoint)
+    return {step: recalls.get(step) for step in steps}
 
 
 def write_report(base_runs: list[dict], tpo_runs: list[dict], path: Path, seconds: float, jobs: int) -> None:
