@@ -1,9 +1,14 @@
-"""The stability monitor's rule (``training/stability.py``) on hand-written logs."""
+"""The stability monitor (``training/stability.py``): its rule on hand-written logs and batches, and its
+wiring into a real training run."""
 
 from types import SimpleNamespace
 
+import pytest
+
 from tpo_plugin.training import stability
 from tpo_plugin.training.stability import RunawayMonitor, runaway_message
+
+from conftest import train_logs
 
 
 def logs(chosen_logp: float, drift_chosen: float, drift_rejected: float) -> dict[str, float]:
@@ -40,34 +45,105 @@ def test_rule_is_silent_without_the_monitor_keys():
     assert runaway_message({"loss": 0.3, "logps/chosen": -9.0, "tpo/score_chosen": 9.0}, 5, -1.0) is None
 
 
+ONE_PROCESS = SimpleNamespace(num_processes=1)  # what the monitor reads of an accelerator on one rank
+
+
 def state(step: int, history: list[dict]) -> SimpleNamespace:
     return SimpleNamespace(global_step=step, log_history=history)
 
 
-def test_monitor_warns_once_naming_the_first_step(tpo_log_records):
-    monitor, history = RunawayMonitor(), []
-    fallen = logs(-5.0, 1.0, 1.0)
-    for step, entry in ((5, logs(-2.0, 0.0, 0.0)), (10, fallen), (15, fallen), (20, {**fallen, "eval_loss": 1.0})):
-        history.append({**entry, "step": step})  # the trainer appends a log to its history before on_log
-        monitor.on_log(None, state(step, history), None, logs=entry)
-    assert [record.getMessage().split(":")[0] for record in tpo_log_records] == ["Stage tpo, step 10"]
+def train(monitor: RunawayMonitor, steps: dict[int, list[dict]], history: list[dict] = ()) -> None:
+    """The trainer's calls: each step's batches recorded, then its step end; from the first step on."""
+    monitor.on_train_begin(None, state(0, list(history)), None)
+    for step, batches in steps.items():
+        for batch in batches:
+            monitor.record(batch)
+        monitor.on_step_end(None, state(step, list(history)), None)
 
 
-def test_monitor_compares_with_the_highest_chosen_logp_so_far(tpo_log_records):
+def warned_steps(records) -> list[str]:
+    return [record.getMessage().split(":")[0] for record in records]
+
+
+def test_monitor_warns_once_naming_the_first_window_that_ran_away(tpo_log_records):
+    healthy, fallen = logs(-2.0, 0.0, 0.0), logs(-5.0, 1.0, 1.0)
+    steps = {step: [healthy] for step in range(1, 6)} | {step: [fallen] for step in range(6, 21)}
+    train(RunawayMonitor(ONE_PROCESS), steps)
+    assert warned_steps(tpo_log_records) == ["Stage tpo, step 10"]
+
+
+def test_monitor_reads_five_step_means_over_all_batches_whatever_is_logged(tpo_log_records):
+    # No on_log at all: the monitor does not wait for logging_steps. One fallen step (8) leaves its window's mean
+    # at (4 * -2.0 + -12.0) / 5 = -4.0, not below twice -2.0. Steps 11-15 hold two batches each (gradient
+    # accumulation); their mean is (-1.0 + -9.0) / 2 = -5.0 with drift 1.0: fallen.
+    steps = {step: [logs(-2.0, 0.0, 0.0)] for step in (1, 2, 3, 4, 5, 6, 7, 9, 10)} | {8: [logs(-12.0, 2.0, 2.0)]}
+    steps |= {step: [logs(-1.0, 0.5, 0.5), logs(-9.0, 1.5, 1.5)] for step in range(11, 16)}
+    monitor = RunawayMonitor(ONE_PROCESS)
+    train(monitor, dict(sorted(steps.items())))
+    assert warned_steps(tpo_log_records) == ["Stage tpo, step 15"]
+    assert "fell from -2.00, the highest it reached, to -5.00" in tpo_log_records[0].getMessage()
+    assert "rose by 1.00" in tpo_log_records[0].getMessage()
+
+
+def test_monitor_compares_with_the_highest_window_so_far(tpo_log_records):
     # TPO first raises its chosen answers' likelihood (-2.0 to -1.0), then loses it: -3.0 is not twice the first
-    # value's NLL, but it is three times the lowest NLL the run reached.
-    monitor, history = RunawayMonitor(), []
-    for step, chosen_logp in ((5, -2.0), (10, -1.0), (15, -1.5), (20, -3.0)):
-        entry = logs(chosen_logp, 0.5, 0.5)
-        history.append({**entry, "step": step})
-        monitor.on_log(None, state(step, history), None, logs=entry)
-    assert [record.getMessage().split(":")[0] for record in tpo_log_records] == ["Stage tpo, step 20"]
+    # window's NLL, but it is three times the lowest NLL the run reached.
+    steps = {}
+    for window, chosen_logp in enumerate((-2.0, -1.0, -1.5, -3.0)):
+        steps |= {5 * window + i: [logs(chosen_logp, 0.5, 0.5)] for i in range(1, 6)}
+    train(RunawayMonitor(ONE_PROCESS), steps)
+    assert warned_steps(tpo_log_records) == ["Stage tpo, step 20"]
 
 
 def test_monitor_compares_with_the_whole_run_after_a_resume(tpo_log_records):
-    # A resumed run's history starts with the logs before the checkpoint: -2.0, not the resumed run's -3.5.
-    history = [{**logs(-2.0, 0.0, 0.0), "step": 5}, {**logs(-3.0, 0.5, 0.5), "step": 10}]
-    resumed = logs(-4.5, 0.5, 0.5)  # above twice -3.5 but below twice -2.0
-    history.append({**resumed, "step": 15})
-    RunawayMonitor().on_log(None, state(15, history), None, logs=resumed)
-    assert [record.getMessage().split(":")[0] for record in tpo_log_records] == ["Stage tpo, step 15"]
+    # Resumed from checkpoint-12: the history holds the logs before it (-2.0 at its best). Steps 13-15 are the end
+    # of a window whose start was not seen: no decision; steps 16-20 (-4.5) are above twice -3.5 but below twice
+    # -2.0, the whole run's best.
+    history = [{**logs(-2.0, 0.0, 0.0), "step": 5}, {**logs(-3.5, 0.5, 0.5), "step": 10}]
+    steps = {13: [logs(-9.0, 2.0, 2.0)], 14: [logs(-9.0, 2.0, 2.0)], 15: [logs(-9.0, 2.0, 2.0)]}
+    steps |= {step: [logs(-4.5, 0.5, 0.5)] for step in range(16, 21)}
+    train(RunawayMonitor(ONE_PROCESS), steps, history)
+    assert warned_steps(tpo_log_records) == ["Stage tpo, step 20"]
+    assert "fell from -2.00" in tpo_log_records[0].getMessage()
+
+
+def test_monitor_is_silent_and_keeps_nothing_without_the_monitor_keys(tpo_log_records):
+    # tpo_weighting: multiplicative logs no score drift: nothing to watch, and no batch is kept.
+    monitor = RunawayMonitor(ONE_PROCESS)
+    unwatched = {"loss": 0.3, "logps/chosen": -9.0, "tpo/score_chosen": 9.0}
+    train(monitor, {step: [unwatched] for step in range(1, 11)})
+    assert warned_steps(tpo_log_records) == [] and monitor._batch_values == [] and monitor._window == []
+
+
+@pytest.mark.e2e
+def test_a_training_run_hands_every_batch_to_the_monitor(
+    model_dirs, dataset_dir, tmp_path, monkeypatch, tpo_log_records
+):
+    # With the thresholds opened (every window "runs away") the warning names the end of the first window, step 5,
+    # not the first logged step, and its value is the mean of the five steps LLaMA-Factory logged on its own,
+    # over two batches a step (gradient accumulation).
+    from llamafactory.train.tuner import run_exp
+
+    from conftest import train_config
+
+    monkeypatch.setattr(stability, "NLL_GROWTH", 0.0)
+    monkeypatch.setattr(stability, "NLL_FALL", float("-inf"))
+    monkeypatch.setattr(stability, "DRIFT_THRESHOLD", float("-inf"))
+    output_dir = tmp_path / "out"
+    config = train_config(
+        model_dirs["qwen2_vl"],
+        "qwen2_vl",
+        dataset_dir,
+        output_dir,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        max_steps=6,
+    )
+    run_exp(args=config)
+
+    warnings = [record.getMessage() for record in tpo_log_records if "the chosen answers' mean" in record.getMessage()]
+    assert [message.split(":")[0] for message in warnings] == ["Stage tpo, step 5"]
+    logged = [entry["logps/chosen"] for entry in train_logs(output_dir)]
+    assert len(logged) == 6
+    window_mean = sum(logged[:5]) / 5
+    assert f"to {window_mean:.2f} while" in warnings[0]

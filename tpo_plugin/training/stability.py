@@ -3,16 +3,17 @@
 The log-additive objective's margin holds, besides DPO's log-probability ratios, the weight term
 ``sum (log c^theta - log c^ref)`` (TPO_METHOD §4), and it has a gradient of its own: the policy earns margin by
 making its tokens' logits more image-dependent (raising its visual scores ``s``), with nothing to stop it. The
-trainer logs, at every step, ``tpo/score_drift_chosen`` and ``tpo/score_drift_rejected`` (the policy's mean
-visual score minus the reference's on the same tokens) and ``tpo/weight_term_share`` (the share of the margins
-that comes from the weight term). ``RunawayMonitor`` reads them, with ``logps/chosen``, as they are logged and
-warns once, naming the step, when the run-away that ``benchmarks/hallucination_world_v2/STABILITY.md`` measured
-shows: the chosen answers losing the likelihood they had reached (their NLL doubled, and by a nat at least) while
-the policy's visual scores have risen.
+trainer logs ``tpo/score_drift_chosen`` and ``tpo/score_drift_rejected`` (the policy's mean visual score minus
+the reference's on the same tokens) and ``tpo/weight_term_share`` (the share of the margins that comes from the
+weight term). ``RunawayMonitor`` is handed the metrics of every training batch, with ``logps/chosen``, and warns
+once, naming the step, when the run-away that ``benchmarks/hallucination_world_v2/STABILITY.md`` measured shows:
+the chosen answers losing the likelihood they had reached (their NLL doubled, and by a nat at least) while the
+policy's visual scores have risen.
 """
 
-from typing import Optional
+from typing import Any, Optional
 
+import torch
 from llamafactory.extras import logging
 from transformers import TrainerCallback
 
@@ -53,14 +54,19 @@ ADVICE = (
 )
 
 DRIFT_KEYS = ("tpo/score_drift_chosen", "tpo/score_drift_rejected")
+WATCHED_KEYS = ("logps/chosen", *DRIFT_KEYS)
+
+WINDOW = 5
+"""Optimizer steps per mean the rule reads: the logging interval of the checks that set and tested it."""
 
 
 def runaway_message(logs: dict[str, float], step: int, best_chosen_logp: float) -> Optional[str]:
-    """The warning for one logged step, or None while the run has not run away.
+    """The warning for one window's (or one log's) means, or None while the run has not run away.
 
-    ``best_chosen_logp`` is the highest ``logps/chosen`` the run has logged so far (negative: a log-probability).
+    ``best_chosen_logp`` is the highest ``logps/chosen`` mean the run has reached so far, this one's included
+    (negative: a log-probability).
     """
-    if not all(key in logs for key in (*DRIFT_KEYS, "logps/chosen")):
+    if not all(key in logs for key in WATCHED_KEYS):
         return None
     drift = (logs["tpo/score_drift_chosen"] + logs["tpo/score_drift_rejected"]) / 2
     chosen_logp = logs["logps/chosen"]
@@ -77,23 +83,54 @@ def runaway_message(logs: dict[str, float], step: int, best_chosen_logp: float) 
 
 
 class RunawayMonitor(TrainerCallback):
-    """Warns once per run, on the main process, when :func:`runaway_message` fires for a training log.
+    """Warns once per run, on the main process, when :func:`runaway_message` fires for a window of steps.
 
-    The highest ``logps/chosen`` is read from the trainer state's log history, which a resumed run restores, so a
-    resume compares with the whole run, not only its resumed part.
+    The rule reads means over ``WINDOW`` optimizer steps (steps 1-5, 6-10, ...), taken across gradient
+    accumulation and ranks as LLaMA-Factory takes its logged metrics, and the monitor computes them itself from
+    every batch the trainer hands to :meth:`record`: the checks that set and tested the rule logged every 5 steps,
+    so with ``logging_steps: 5`` it decides as it did there, and ``logging_steps`` no longer delays it (with 10, the
+    recipes' value, it read only 10-step means, every 10 steps). A resumed run compares with the highest
+    ``logps/chosen`` its restored log history holds, so a resume compares with the whole run.
     """
 
-    def __init__(self):
+    def __init__(self, accelerator: Any):
+        self.accelerator = accelerator
         self.warned = False
+        self.best_chosen_logp: Optional[float] = None
+        self._batch_values: list[list[float]] = []  # this step's batches, in WATCHED_KEYS order
+        self._window: list[list[float]] = []  # the window's per-step means
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.warned or not logs or "loss" not in logs:
+    def record(self, metrics: dict[str, float]) -> None:
+        """Keep one training batch's metrics for the step's mean; silent where the keys are not logged."""
+        if not self.warned and all(key in metrics for key in WATCHED_KEYS):
+            self._batch_values.append([metrics[key] for key in WATCHED_KEYS])
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        logged = [entry["logps/chosen"] for entry in state.log_history if "loss" in entry and "logps/chosen" in entry]
+        self.best_chosen_logp = max(logged, default=None)  # a resumed run's history: the logs before its checkpoint
+
+    def on_step_end(self, args, state, control, **kwargs):
+        batch_values, self._batch_values = self._batch_values, []
+        if self.warned or not batch_values:
             return
-        training_logs = (entry for entry in state.log_history if "loss" in entry and "logps/chosen" in entry)
-        chosen_logps = [entry["logps/chosen"] for entry in training_logs]
-        if not chosen_logps:
+        # cross-rank means: every rank takes the same decisions, so all of them reach each reduce
+        self._window.append(mean_over_ranks(self.accelerator, torch.tensor(batch_values).mean(dim=0)))
+        if state.global_step % WINDOW:
             return
-        message = runaway_message(logs, state.global_step, max(chosen_logps))
+        window, self._window = self._window, []
+        if len(window) < WINDOW:  # a resume inside a window: its first steps were not seen
+            return
+        means = dict(zip(WATCHED_KEYS, torch.tensor(window).mean(dim=0).tolist(), strict=True))
+        if self.best_chosen_logp is None or means["logps/chosen"] > self.best_chosen_logp:
+            self.best_chosen_logp = means["logps/chosen"]
+        message = runaway_message(means, state.global_step, self.best_chosen_logp)
         if message is not None:
             self.warned = True
             logger.warning_rank0(message)
+
+
+def mean_over_ranks(accelerator: Any, values: torch.Tensor) -> list[float]:
+    """The mean of ``values`` over all ranks (every rank must call this), as LLaMA-Factory's logged metrics."""
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values.to(accelerator.device), "mean")
+    return values.tolist()

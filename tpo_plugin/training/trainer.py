@@ -30,6 +30,7 @@ from .collator import CORRUPTED_INPUTS_KEY, NOISE_KEY, PAIR_IMAGES_KEY
 from .corruption import EVAL_STEP_KEY, ImageCorrupter
 from .image_features import ImageFeatureCache, image_feature_owner, vision_path_is_frozen
 from .reference_scores import PAIR_KEY, ReferenceScores, pair_values
+from .stability import RunawayMonitor
 from .step_keys import StepKeyedDataset, StepKeyedSampler
 from .stopping import any_rank
 
@@ -156,6 +157,8 @@ class CustomTPOTrainer(CustomDPOTrainer):
         if isinstance(kwargs.get("train_dataset"), Dataset):  # read by (index, step) keys: get_train_dataloader
             kwargs["train_dataset"] = StepKeyedDataset(kwargs["train_dataset"])
         super().__init__(**kwargs)
+        self.runaway_monitor = RunawayMonitor(self.accelerator)  # reads every training batch's metrics
+        self.add_callback(self.runaway_monitor)
         # Under ZeRO-3 and FSDP every rank must run the same modules in the same order (parameters are
         # gathered per module), which reusing encodings depending on a batch's content would break.
         owner = image_feature_owner(self.model)
@@ -476,4 +479,7 @@ class CustomTPOTrainer(CustomDPOTrainer):
             metrics["tpo/score_drift_rejected"] = masked_mean(result.score_drift[num_pairs:], scored[num_pairs:])
             metrics["tpo/normalizer_drift"] = masked_mean(result.normalizer_drift, scored)
             metrics["tpo/weight_term_share"] = result.weight_term_share
-        return result.losses.mean(), {f"{prefix}{key}": value.item() for key, value in metrics.items()}
+        metrics = {f"{prefix}{key}": value.item() for key, value in metrics.items()}
+        if train_eval == "train":
+            self.runaway_monitor.record(metrics)
+        return result.losses.mean(), metrics

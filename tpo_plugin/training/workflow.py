@@ -38,7 +38,6 @@ from .run_settings import (
     report_whole_run_train_loss,
     write_settings,
 )
-from .stability import RunawayMonitor
 from .stopping import StopOnSignalCallback, any_rank
 
 
@@ -137,7 +136,6 @@ def run_tpo(
         stop_on_signal = StopOnSignalCallback(trainer.accelerator)
         trainer.add_callback(stop_on_signal)
         trainer.add_callback(RecordSettingsCallback(settings))
-        trainer.add_callback(RunawayMonitor())  # silent where nothing is logged to watch (multiplicative)
         if reference_store is not None:
             trainer.add_callback(ReferenceScoresCallback(trainer, *reference_store))
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
