@@ -156,6 +156,23 @@ def test_fourth_check_compares_methods_at_matched_recall(tmp_path):
     assert word_6 in text
 
 
+def hand_written_runs(check, other_rule: str, replayed: str) -> tuple[list[dict], dict]:
+    """A two-rule check's records (SFT 0.8, DPO 0.7, every TPO run 0.78 and unwarned), and the same by key."""
+    records = []
+    for kind, lrs in check.TPO_RATES.items():
+        for seed in check.PROTOCOL.world_seeds:
+            base = {"world_kind": kind, "world_seed": seed}
+            records += [
+                {**base, "variant": "sft", "learning_rate": 0.0, "recall": 0.8},
+                {**base, "variant": "dpo", "learning_rate": 1e-4, "recall": 0.7},
+            ]
+            for lr in lrs:
+                for method in ("tpo", "tpo_anchor"):
+                    unwarned = {"warnings": {"logged": [None, None], other_rule: [None, None]}, replayed: None}
+                    records.append({**base, "variant": method, "learning_rate": lr, "recall": 0.78, **unwarned})
+    return records, {(r["world_kind"], r["world_seed"], r["variant"], r["learning_rate"]): r for r in records}
+
+
 def test_fifth_check_replays_both_rules_and_compares_them(tmp_path):
     from benchmarks.hallucination_world_v2 import stability_floor
 
@@ -164,19 +181,7 @@ def test_fifth_check_replays_both_rules_and_compares_them(tmp_path):
     assert stability_floor.replayed_step(nearly_certain, 1.0) == 15  # 1.4 nats below the highest
     assert stability_floor.replayed_step([entry(5, 0.1, 0.2, -0.1), entry(10, 0.1, 0.2, -9.0)], 0.0) is None
 
-    records = []
-    for kind, lrs in stability_floor.TPO_RATES.items():
-        for seed in stability_floor.PROTOCOL.world_seeds:
-            base = {"world_kind": kind, "world_seed": seed}
-            records += [
-                {**base, "variant": "sft", "learning_rate": 0.0, "recall": 0.8},
-                {**base, "variant": "dpo", "learning_rate": 1e-4, "recall": 0.7},
-            ]
-            for lr in lrs:
-                for method in ("tpo", "tpo_anchor"):
-                    unwarned = {"warnings": {"logged": [None, None], "doubling": [None, None]}, "replayed_floor": None}
-                    records.append({**base, "variant": method, "learning_rate": lr, "recall": 0.78, **unwarned})
-    by_key = {(r["world_kind"], r["world_seed"], r["variant"], r["learning_rate"]): r for r in records}
+    records, by_key = hand_written_runs(stability_floor, "doubling", "replayed_floor")
     # pixel-8 tpo at 1e-4 collapses (0.3 < 0.4): both rules warn, the doubling rule in time (0.6), the floor late
     by_key["pixel", 8, "tpo", 1e-4].update(recall=0.3, warnings={"logged": [40, 0.35], "doubling": [20, 0.6]})
     by_key["pixel", 8, "tpo", 1e-4]["replayed_floor"] = 40
@@ -196,3 +201,72 @@ def test_fifth_check_replays_both_rules_and_compares_them(tmp_path):
     assert "yes — `tpo` collapsed in pixel-8; `tpo_anchor` did too in 0 of them. **TPO's own collapses** " in text
     assert "(`dpo` held): 1 (pixel-8)" in text
     assert "| pixel-8 | 0.0001 | tpo | 0.30 (0.80) | yes | yes | 40, 0.35 | 20, 0.60 | 0.70 |" in text
+
+
+def per_step(chosen_logps: list[float], drift: float = 0.5) -> list[dict]:
+    return [entry(step, 0.1, drift, logp) for step, logp in enumerate(chosen_logps, start=1)]
+
+
+def test_sixth_check_replays_block_and_sliding_windows():
+    from benchmarks.hallucination_world_v2 import stability_window
+
+    # Steps 1-5 at -1.0; the fall starts at step 8. Window means by hand: sliding 4-8 = (4 * -1 + -6) / 5 = -2.0
+    # (not below twice -1.0), 5-9 = (3 * -1 + 2 * -6) / 5 = -3.0 (below -2.0, and 2 nats): the sliding rule warns
+    # at step 9; the block rule's 6-10 = (2 * -1 + 3 * -6) / 5 = -4.0 warns at step 10.
+    history = per_step([-1.0] * 7 + [-6.0] * 8)
+    assert stability_window.window_steps(history, "block") == [(5, -1.0, 0.5), (10, -4.0, 0.5), (15, -6.0, 0.5)]
+    assert [end for end, _, _ in stability_window.window_steps(history, "sliding")] == list(range(5, 16))
+    assert stability_window.replayed_step(history, "sliding") == 9
+    assert stability_window.replayed_step(history, "block") == 10
+    assert stability_window.replayed_step(per_step([-1.0] * 7 + [-6.0] * 8, drift=0.2), "sliding") is None
+    with pytest.raises(ValueError, match="one logged entry per step"):
+        stability_window.window_steps([entry(5, 0.1, 0.5), entry(10, 0.1, 0.5)], "block")
+
+
+def test_sixth_check_sliding_rule_never_warns_after_the_block_rule():
+    # STABILITY_PROTOCOL_6.md's claim, on random falls: the sliding rule reads every block window, with a highest
+    # mean at least as high, so where the block rule warns the sliding rule has warned by then.
+    import random
+
+    from benchmarks.hallucination_world_v2 import stability_window
+
+    draw = random.Random(0)
+    compared = 0
+    for _ in range(300):
+        level, logps = -0.5, []
+        for _ in range(40):
+            level += draw.uniform(-0.6, 0.5)
+            logps.append(min(level, -0.01))
+        history = per_step(logps, drift=draw.uniform(0.0, 1.0))
+        block, sliding = (stability_window.replayed_step(history, rule) for rule in ("block", "sliding"))
+        if block is not None:
+            compared += 1
+            assert sliding is not None and sliding <= block
+    assert compared > 50
+
+
+def test_sixth_check_verdicts_on_hand_written_runs(tmp_path):
+    from benchmarks.hallucination_world_v2 import stability_window
+
+    records, by_key = hand_written_runs(stability_window, "sliding", "replayed_block")
+    # pixel-10 tpo at 1e-4 collapses (0.3 < 0.4): the block rule warns late (0.35), the sliding rule 3 steps
+    # earlier and in time (0.6)
+    by_key["pixel", 10, "tpo", 1e-4].update(recall=0.3, warnings={"logged": [30, 0.35], "sliding": [27, 0.6]})
+    by_key["pixel", 10, "tpo", 1e-4]["replayed_block"] = 30
+    # word-11 tpo_anchor at 1e-5 keeps its recall: only the sliding rule warns (a false alarm)
+    by_key["word", 11, "tpo_anchor", 1e-5]["warnings"]["sliding"] = [12, 0.79]
+    report = tmp_path / "STABILITY_6.md"
+    stability_window.write_report(records, report, 2)
+    text = report.read_text()
+    assert "**Consistency**: the replayed block rule names the monitor's logged step in 24 of 24 TPO runs: yes" in text
+    assert "**Block rule**: warns before collapse no (0 of 1); false alarms 0 of 24; missed 0 of 1 degraded" in text
+    assert "**Sliding rule**: warns before collapse yes (1 of 1); false alarms 1 of 24; missed 0 of 1" in text
+    assert "**Steps earlier** (sliding rule, where both warned): pixel-10 tpo 0.0001: 3." in text
+    assert "**The sliding rule is adopted** (in time for more collapses, at most one more false alarm): yes" in text
+    assert "| pixel-10 | 0.0001 | tpo | 0.30 (0.80) | yes | yes | 30, 0.35 | 27, 0.60 | 0.70 |" in text
+    assert "(`dpo` held): 1 (pixel-10)" in text
+
+    # a second false alarm of the sliding rule alone (word-10 tpo at 3e-5) is one more than the protocol allows
+    by_key["word", 10, "tpo", 3e-5]["warnings"]["sliding"] = [40, 0.77]
+    stability_window.write_report(records, report, 2)
+    assert "at most one more false alarm): no" in report.read_text()

@@ -90,33 +90,8 @@ def watched_run(job: run.Job) -> dict:
 
 def write_report(records: list[dict], path: Path, jobs: int) -> None:
     worlds = [(kind, seed) for seed in PROTOCOL.world_seeds for kind in PROTOCOL.world_kinds]
-    by_key = {(r["world_kind"], r["world_seed"], r["variant"], r["learning_rate"]): r for r in records}
-    sft = {world: by_key[(*world, "sft", 0.0)]["recall"] for world in worlds}
-
-    def below(r: dict, fraction: float) -> bool:
-        return r["recall"] < fraction * sft[r["world_kind"], r["world_seed"]]
-
-    watched = [
-        by_key[kind, seed, method, lr]
-        for kind, seed in worlds
-        for lr in TPO_RATES[kind]
-        for method in ("tpo", "tpo_anchor")
-    ]
-    lines = [
-        "| world | lr | method | recall (SFT) | collapsed | degraded | floor rule: step, recall then | "
-        "doubling rule: step, recall then | dpo at 1e-4: recall |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in watched:
-        world = (r["world_kind"], r["world_seed"])
-        dpo = by_key[(*world, "dpo", LARGEST_RATE)]
-        cells = [_warning(*r["warnings"][rule]) for rule in ("logged", "doubling")]
-        lines.append(
-            f"| {world[0]}-{world[1]} | {r['learning_rate']:g} | {r['variant']} | {r['recall']:.2f} "
-            f"({sft[world]:.2f}) | {_yes(below(r, stability.COLLAPSE_FRACTION))} | "
-            f"{_yes(below(r, stability_heldout.DEGRADED_FRACTION))} | {cells[0]} | {cells[1]} | "
-            f"{dpo['recall']:.2f} |"
-        )
+    by_key, watched = keyed_records(records, worlds, TPO_RATES)
+    rules = {"logged": "floor rule", "doubling": "doubling rule"}
     sections = [
         "# Stability, fifth check: the warning's one-nat floor on fresh worlds — results (#19)",
         f"Written by `python -m benchmarks.hallucination_world_v2.stability_floor` ({len(records)} runs including "
@@ -127,56 +102,121 @@ def write_report(records: list[dict], path: Path, jobs: int) -> None:
         f"above {DRIFT:g}); doubling rule: the same without the nat, replayed from the logged history. "
         f"`tpo_anchor`: `pref_ftx: 1`. Collapsed: object recall below {stability.COLLAPSE_FRACTION:g} × the "
         f"world's SFT recall; degraded: below {stability_heldout.DEGRADED_FRACTION:g} ×.",
-        "## Runs\n\n" + "\n".join(lines),
-        "## Verdicts\n\n" + verdicts(by_key, watched, worlds, below),
+        "## Runs\n\n" + runs_table(by_key, watched, rules),
+        "## Verdicts\n\n" + verdicts(by_key, watched, worlds),
     ]
     path.write_text("\n\n".join(sections) + "\n")
 
 
-def verdicts(by_key: dict, watched: list[dict], worlds: list[tuple[str, int]], below) -> str:
+def verdicts(by_key: dict, watched: list[dict], worlds: list[tuple[str, int]]) -> str:
     """STABILITY_PROTOCOL_5.md's verdicts 2–5."""
-    consistent = [r for r in watched if r["replayed_floor"] == r["warnings"]["logged"][0]]
-    collapsed = [r for r in watched if below(r, stability.COLLAPSE_FRACTION)]
-    degraded = [r for r in watched if below(r, stability_heldout.DEGRADED_FRACTION)]
-
-    def in_time(r: dict, rule: str) -> bool:
-        held = r["warnings"][rule][1]
-        sft = by_key[r["world_kind"], r["world_seed"], "sft", 0.0]["recall"]
-        return held is not None and held >= stability.COLLAPSE_FRACTION * sft
-
-    counts = {}
-    lines = [
-        f"- **Consistency**: the replayed floor rule names the monitor's logged step in {len(consistent)} of "
-        f"{len(watched)} TPO runs: {_yes(len(consistent) == len(watched))}."
-    ]
-    for rule, name in (("logged", "Floor rule"), ("doubling", "Doubling rule")):
-        timely = [r for r in collapsed if in_time(r, rule)]
-        alarms = [r for r in watched if r["warnings"][rule][0] is not None and r not in degraded]
-        missed = [r for r in degraded if r["warnings"][rule][0] is None]
-        counts[rule] = (timely, alarms)
-        monitor = "not tested (no TPO run collapsed)" if not collapsed else _yes(len(timely) == len(collapsed))
-        lines.append(
-            f"- **{name}**: warns before collapse {monitor} ({len(timely)} of {len(collapsed)}); false alarms "
-            f"{len(alarms)} of {len(watched)}; missed {len(missed)} of {len(degraded)} degraded runs."
-        )
+    counts, lines = rule_verdicts(
+        by_key, watched, "replayed_floor", {"logged": "Floor rule", "doubling": "Doubling rule"}
+    )
     (floor_timely, floor_alarms), (doubling_timely, doubling_alarms) = counts["logged"], counts["doubling"]
     kept = len(floor_alarms) < len(doubling_alarms) and all(r in floor_timely for r in doubling_timely)
     lines.append(
         f"- **The floor is kept** (fewer false alarms, and in time for every collapse the doubling rule was): "
         f"{_yes(kept)}."
     )
-    fell = [world for world in worlds if below(by_key[(*world, "tpo", LARGEST_RATE)], stability.COLLAPSE_FRACTION)]
-    still = [
-        world for world in fell if below(by_key[(*world, "tpo_anchor", LARGEST_RATE)], stability.COLLAPSE_FRACTION)
+    lines.append(guard_verdict(by_key, worlds))
+    return "\n".join(lines)
+
+
+def keyed_records(records: list[dict], worlds: list[tuple[str, int]], rates: dict) -> tuple[dict, list[dict]]:
+    """The records by (kind, seed, variant, learning rate), and the watched TPO runs in the report's order."""
+    by_key = {(r["world_kind"], r["world_seed"], r["variant"], r["learning_rate"]): r for r in records}
+    watched = [
+        by_key[kind, seed, method, lr]
+        for kind, seed in worlds
+        for lr in rates[kind]
+        for method in ("tpo", "tpo_anchor")
     ]
-    own = [world for world in fell if not below(by_key[(*world, "dpo", LARGEST_RATE)], stability.COLLAPSE_FRACTION)]
+    return by_key, watched
+
+
+def below(by_key: dict, r: dict, fraction: float) -> bool:
+    """The run's object recall is below ``fraction`` × its world's SFT recall."""
+    return r["recall"] < fraction * by_key[r["world_kind"], r["world_seed"], "sft", 0.0]["recall"]
+
+
+def runs_table(by_key: dict, watched: list[dict], rules: dict[str, str]) -> str:
+    """One row per watched run: recall, collapsed, degraded, and each rule's warning (``rules``: key to label)."""
+    lines = [
+        "| world | lr | method | recall (SFT) | collapsed | degraded | "
+        + "".join(f"{label}: step, recall then | " for label in rules.values())
+        + f"dpo at {LARGEST_RATE:g}: recall |",
+        "|---|---|---|---|---|---|" + "---|" * len(rules) + "---|",
+    ]
+    for r in watched:
+        world = (r["world_kind"], r["world_seed"])
+        sft, dpo = by_key[(*world, "sft", 0.0)], by_key[(*world, "dpo", LARGEST_RATE)]
+        cells = "".join(f"{_warning(*r['warnings'][rule])} | " for rule in rules)
+        lines.append(
+            f"| {world[0]}-{world[1]} | {r['learning_rate']:g} | {r['variant']} | {r['recall']:.2f} "
+            f"({sft['recall']:.2f}) | {_yes(below(by_key, r, stability.COLLAPSE_FRACTION))} | "
+            f"{_yes(below(by_key, r, stability_heldout.DEGRADED_FRACTION))} | {cells}{dpo['recall']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def rule_verdicts(
+    by_key: dict, watched: list[dict], replayed: str, names: dict[str, str]
+) -> tuple[dict[str, tuple[list, list]], list[str]]:
+    """Whether the runner's replay of the shipped rule (record key ``replayed``) names the step the monitor logged,
+    then :func:`rule_verdict` for each rule (``names``: its key in the records' warnings, the shipped one first,
+    to its name)."""
+    consistent = [r for r in watched if r[replayed] == r["warnings"]["logged"][0]]
+    lines = [
+        f"- **Consistency**: the replayed {names['logged'].lower()} names the monitor's logged step in "
+        f"{len(consistent)} of {len(watched)} TPO runs: {_yes(len(consistent) == len(watched))}."
+    ]
+    counts = {}
+    for rule, name in names.items():
+        counts[rule], line = rule_verdict(by_key, watched, rule, name)
+        lines.append(line)
+    return counts, lines
+
+
+def rule_verdict(by_key: dict, watched: list[dict], rule: str, name: str) -> tuple[tuple[list, list], str]:
+    """A rule's collapsed runs warned in time (recall then at least the collapse line) and its false alarms
+    (warned, not degraded), with the verdict's line: warns before collapse, false alarms, missed."""
+    collapsed = [r for r in watched if below(by_key, r, stability.COLLAPSE_FRACTION)]
+    degraded = [r for r in watched if below(by_key, r, stability_heldout.DEGRADED_FRACTION)]
+
+    def in_time(r: dict) -> bool:
+        held = r["warnings"][rule][1]
+        return (
+            held is not None
+            and held >= stability.COLLAPSE_FRACTION * by_key[r["world_kind"], r["world_seed"], "sft", 0.0]["recall"]
+        )
+
+    timely = [r for r in collapsed if in_time(r)]
+    alarms = [r for r in watched if r["warnings"][rule][0] is not None and r not in degraded]
+    missed = [r for r in degraded if r["warnings"][rule][0] is None]
+    monitor = "not tested (no TPO run collapsed)" if not collapsed else _yes(len(timely) == len(collapsed))
+    line = (
+        f"- **{name}**: warns before collapse {monitor} ({len(timely)} of {len(collapsed)}); false alarms "
+        f"{len(alarms)} of {len(watched)}; missed {len(missed)} of {len(degraded)} degraded runs."
+    )
+    return (timely, alarms), line
+
+
+def guard_verdict(by_key: dict, worlds: list[tuple[str, int]]) -> str:
+    """In each world where ``tpo`` collapsed at the largest rate, did ``tpo_anchor``; and did ``dpo``."""
+
+    def collapsed(world: tuple[str, int], method: str) -> bool:
+        return below(by_key, by_key[(*world, method, LARGEST_RATE)], stability.COLLAPSE_FRACTION)
+
+    fell = [world for world in worlds if collapsed(world, "tpo")]
+    still = [world for world in fell if collapsed(world, "tpo_anchor")]
+    own = [world for world in fell if not collapsed(world, "dpo")]
     guard = "not tested (`tpo` collapsed in no world)" if not fell else _yes(not still)
-    lines.append(
+    return (
         f"- **Guard prevents collapse** (lr {LARGEST_RATE:g}): {guard} — `tpo` collapsed in "
         f"{_names(fell) or 'no world'}; `tpo_anchor` did too in {len(still)} of them. **TPO's own collapses** "
         f"(`dpo` held): {len(own)} ({_names(own) or 'none'})."
     )
-    return "\n".join(lines)
 
 
 def _warning(step: int | None, recall: float | None) -> str:
