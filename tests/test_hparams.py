@@ -60,6 +60,15 @@ def test_invalid_values_name_key_value_and_allowed(key, value, message):
     assert message in str(error.value)
 
 
+def test_weight_clip_is_refused_where_there_is_no_weight_term_to_bound():
+    assert parse(tpo_weight_clip=0.1).tpo_weight_clip == 0.1  # log_additive, the default
+    assert parse(tpo_weighting="multiplicative").tpo_weight_clip == 0.0
+    with pytest.raises(ValueError) as error:
+        parse(tpo_weighting="multiplicative", tpo_weight_clip=0.1)
+    assert "`tpo_weight_clip: 0.1` has no effect with `tpo_weighting: multiplicative`" in str(error.value)
+    assert "`tpo_weight_clip: 0`" in str(error.value)
+
+
 @pytest.mark.parametrize("loss", ["kto_pair", "orpo", "simpo"])
 def test_unsupported_pref_loss_is_refused(loss):
     with pytest.raises(ValueError, match=f"`pref_loss: {loss}` is not supported by stage tpo; use one of sigmoid"):

@@ -79,8 +79,9 @@ class TPOArguments:
         default=0.0,
         metadata={
             "help": "Guard against TPO's run-away: bound each token's log c^theta - log c^ref to +-this value, so "
-            "the policy is no longer rewarded for inflating its visual scores past it (log_additive only: the "
-            "multiplicative weights have no gradient to bound); a float >= 0, 0 turns it off (TPO_METHOD §4). "
+            "the policy is no longer rewarded for inflating its visual scores past it (log_additive only, refused "
+            "with multiplicative, whose weights have no gradient to bound); a float >= 0, 0 turns it off "
+            "(TPO_METHOD §4). "
             "Default 0."
         },
     )
@@ -139,6 +140,12 @@ class TPOArguments:
         if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:
             raise ValueError(f"`tpo_weight_clip` must be a number >= 0 (0: off), got {clip!r}.")
         self.tpo_weight_clip = float(clip)
+        if self.tpo_weight_clip > 0 and self.tpo_weighting != "log_additive":  # a guard that guards nothing
+            raise ValueError(
+                f"`tpo_weight_clip: {self.tpo_weight_clip:g}` has no effect with `tpo_weighting: "
+                f"{self.tpo_weighting}`: its token weights are detached, so there is no weight term to bound. Set "
+                f"`tpo_weighting: log_additive`, or `tpo_weight_clip: 0`."
+            )
 
         if not isinstance(self.tpo_detach_reward, bool):
             raise ValueError(f"`tpo_detach_reward` must be true or false, got {self.tpo_detach_reward!r}.")

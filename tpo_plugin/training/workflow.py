@@ -82,11 +82,6 @@ def run_tpo(
         f"pref_loss={finetuning_args.pref_loss}, "
         f"pref_beta={finetuning_args.pref_beta}."
     )
-    if finetuning_args.tpo_weight_clip > 0 and finetuning_args.tpo_weighting != "log_additive":
-        logger.warning_rank0(
-            f"`tpo_weight_clip: {finetuning_args.tpo_weight_clip}` has no effect with `tpo_weighting: "
-            f"{finetuning_args.tpo_weighting}`: its token weights are detached, so there is no weight term to bound."
-        )
     check_ranking_datasets(data_args)
     resumed_step = check_resume(training_args, finetuning_args)  # a finished run or another objective: refused
     settings = objective_settings(finetuning_args, training_args)
