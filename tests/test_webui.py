@@ -32,7 +32,8 @@ from tpo_plugin.webui import panel as webui
 from conftest import ARTIFACTS, OFFLINE_ENV
 
 
-# Every tpo_* key set to a value other than its default, as a user would in the panel.
+# Every tpo_* key set to a value other than its default, as a user would in the panel; but tpo_weighting, since
+# tpo_weight_clip is refused with the other weighting (the refusal is tested below).
 TPO_UI_VALUES = {
     "tpo_noise_step": 250,
     "tpo_corruption": "blank",
@@ -40,7 +41,7 @@ TPO_UI_VALUES = {
     "tpo_reward_offset": 0.75,
     "tpo_score": "logprob",
     "tpo_detach_reward": True,
-    "tpo_weighting": "multiplicative",
+    "tpo_weighting": "log_additive",
     "tpo_weight_clip": 0.05,
     "tpo_noise_per": "sample",
     "tpo_precompute_ref": True,
@@ -170,6 +171,10 @@ def test_save_and_load_arguments_round_trip_every_tpo_field(train_tab, tmp_path,
         ({"train__dataset": ["tiny_sft"]}, "Dataset `tiny_sft` (sft.json) is not a ranking (preference) dataset"),
         ({"train__pref_loss": "orpo"}, "`pref_loss: orpo` is not supported by stage tpo"),
         ({"train__tpo_noise_step": 1000}, "`tpo_noise_step` must be an integer in 0..999, got 1000"),
+        (
+            {"train__tpo_weighting": "multiplicative", "train__tpo_weight_clip": 0.1},
+            "`tpo_weight_clip: 0.1` has no effect with `tpo_weighting: multiplicative`",
+        ),
     ],
 )
 def test_ui_refuses_what_the_cli_refuses_with_its_message(values, message, train_tab, dataset_dir):
