@@ -129,6 +129,45 @@ def test_logged_tokens_equal_the_steps_metrics_inspect_and_history(model_dirs, d
     assert "http://" not in history and history.count("<tr><td>2</td>") == 2  # step 2, chosen and rejected
 
 
+def test_history_keeps_the_records_of_the_run_as_it_stands_after_resumes():
+    from tpo_plugin.training.token_report import records_of_the_current_run
+
+    sides = ("chosen", "rejected")
+
+    def records(*steps: int) -> list[dict]:  # "run": which of the logging calls wrote the record
+        return [{"step": step, "pair": 0, "side": side, "run": i} for i, step in enumerate(steps) for side in sides]
+
+    # logged at 5, 10, 15, 20; resumed from checkpoint-10: 15 and 20 again, then 25
+    appended = records(5, 10, 15, 20, 15, 20, 25)
+    kept = records_of_the_current_run(appended)
+    assert [(r["step"], r["run"]) for r in kept] == [(s, i) for s, i in ((5, 0), (10, 1), (15, 4), (20, 5), (25, 6))
+                                                      for _ in sides]  # fmt: skip
+    # died at 23 after logging 20, resumed from checkpoint-20: nothing to replace
+    assert records_of_the_current_run(records(5, 10, 15, 20, 25)) == records(5, 10, 15, 20, 25)
+    # resumed from checkpoint-10 again, after a first resume had reached 25: 15 on belongs to the latest part
+    twice = records_of_the_current_run(records(5, 10, 15, 20, 15, 20, 25, 15))
+    assert [(r["step"], r["run"]) for r in twice] == [(5, 0), (5, 0), (10, 1), (10, 1), (15, 7), (15, 7)]
+
+
+def test_tokens_logged_again_after_a_resume_are_kept_and_shown_once(model_dirs, dataset_dir, tmp_path):
+    output_dir = tmp_path / "run"
+    config = train_config(
+        model_dirs["qwen2_vl"], "qwen2_vl", dataset_dir, output_dir, dataset="one_pair", per_device_train_batch_size=1,
+        tpo_log_tokens=1, max_steps=4, save_strategy="steps", save_steps=2,
+    )  # fmt: skip
+    run_cli(["train", str(write_yaml(tmp_path / "a.yaml", config))], cwd=tmp_path)
+    config["resume_from_checkpoint"] = str(output_dir / "checkpoint-2")  # as after a crash at step 3 or 4
+    run_cli(["train", str(write_yaml(tmp_path / "b.yaml", config))], cwd=tmp_path)
+
+    records = [json.loads(line) for line in (output_dir / "tpo_tokens.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 1, 2, 2, 3, 3, 4, 4, 3, 3, 4, 4]  # appended: nothing is lost
+    for first, again in zip(records[4:8], records[8:], strict=True):  # same seed, same data: the same values
+        assert again["weight"] == pytest.approx(first["weight"], abs=1e-5)
+    assert tpo_plugin_main(["inspect", "--history", str(output_dir)]) == 0
+    history = (output_dir / "history.html").read_text()
+    assert [history.count(f"<tr><td>{step}</td>") for step in (1, 2, 3, 4)] == [2, 2, 2, 2]
+
+
 def test_tpo_log_tokens_off_writes_nothing(model_dirs, dataset_dir, tmp_path):
     output_dir = tmp_path / "run"
     config = train_config(

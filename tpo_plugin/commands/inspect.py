@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_history(args: argparse.Namespace) -> int:
-    from ..training.token_report import history_html
+    from ..training.token_report import history_html, records_of_the_current_run
     from ..training.token_view import TOKENS_LOG_FILE
 
     source = args.history / TOKENS_LOG_FILE
@@ -160,6 +160,7 @@ def run_history(args: argparse.Namespace) -> int:
     output_dir = args.output_dir or args.history
     check_output_dir(output_dir, (HISTORY_FILE,), args.overwrite)
     records = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = records_of_the_current_run(records)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / HISTORY_FILE).write_text(history_html(records, f"TPO weights over training: {args.history}"))
     steps = sorted({record["step"] for record in records})

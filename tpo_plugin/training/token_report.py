@@ -169,6 +169,26 @@ def _page(title: str, body: str) -> str:
     )
 
 
+def records_of_the_current_run(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``tpo_tokens.jsonl``'s records (in file order) as the run stands now, without those a resume replaced.
+
+    The file is only appended to; a run resumed from a checkpoint logs again from the steps after it, so a record
+    that repeats a logged (step, pair, side) or comes before the last logged step starts the resumed part: the
+    records from its step on, before it, belong to the part that was abandoned (as in the trainer's log history,
+    which the checkpoint restores).
+    """
+    kept: list[dict[str, Any]] = []
+    logged = set()
+    for record in records:
+        key = (record["step"], record["pair"], record["side"])
+        if kept and (key in logged or record["step"] < kept[-1]["step"]):
+            kept = [earlier for earlier in kept if earlier["step"] < record["step"]]
+            logged = {(earlier["step"], earlier["pair"], earlier["side"]) for earlier in kept}
+        kept.append(record)
+        logged.add(key)
+    return kept
+
+
 def history_html(records: list[dict[str, Any]], title: str) -> str:
     """``tpo_tokens.jsonl`` as a page: per pair and side, one row of coloured token weights per logged step,
     and the mean weight per step, so a drift (e.g. every chosen token becoming image-dependent) shows."""
