@@ -1,7 +1,11 @@
 """Exact resume: the steps after a resume from a checkpoint log the same losses and TPO metrics as the
 uninterrupted run, because the corrupted images are keyed by seed, global step and image."""
 
+import json
+
 import pytest
+
+from tpo_plugin.training.stability import MONITOR_STATE_FILE
 
 from conftest import assert_resumed_steps_equal, run_cli, train_config, write_yaml
 
@@ -32,3 +36,9 @@ def test_resumed_steps_equal_uninterrupted_steps(finetuning_type, model_dirs, da
     run_cli(["train", str(write_yaml(tmp_path / "b.yaml", config))], cwd=tmp_path)
 
     assert_resumed_steps_equal(uninterrupted, resumed, 2, [3, 4], COMPARED)
+    # the stability monitor went on from what checkpoint-2 said it had seen: the same state at step 4
+    seen = [json.loads((run / "checkpoint-4" / MONITOR_STATE_FILE).read_text()) for run in (uninterrupted, resumed)]
+    assert len(seen[0]["window"]) == 4 and seen[0]["warned"] is False
+    assert seen[1]["best_chosen_logp"] is None and seen[1]["warned"] is False  # no 5-step window has ended yet
+    resumed_means, uninterrupted_means = ([mean for step in state["window"] for mean in step] for state in seen[::-1])
+    assert len(resumed_means) == 12 and resumed_means == pytest.approx(uninterrupted_means, abs=1e-5)

@@ -1,6 +1,7 @@
 """The stability monitor (``training/stability.py``): its rule on hand-written logs and batches, and its
 wiring into a real training run."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -52,13 +53,18 @@ def state(step: int, history: list[dict]) -> SimpleNamespace:
     return SimpleNamespace(global_step=step, log_history=history)
 
 
-def train(monitor: RunawayMonitor, steps: dict[int, list[dict]], history: list[dict] = ()) -> None:
-    """The trainer's calls: each step's batches recorded, then its step end; from the first step on."""
-    monitor.on_train_begin(None, state(0, list(history)), None)
+def train(
+    monitor: RunawayMonitor, steps: dict[int, list[dict]], history: list[dict] = (), args=None, save_at=None
+) -> None:
+    """The trainer's calls: each step's batches recorded, then its step end (and its save at ``save_at``)."""
+    first = min(steps) - 1  # the step the run starts from: 0, or a resumed checkpoint's
+    monitor.on_train_begin(args, state(first, list(history)), None)
     for step, batches in steps.items():
         for batch in batches:
             monitor.record(batch)
-        monitor.on_step_end(None, state(step, list(history)), None)
+        monitor.on_step_end(args, state(step, list(history)), None)
+        if step == save_at:
+            monitor.on_save(args, state(step, list(history)), None)
 
 
 def warned_steps(records) -> list[str]:
@@ -95,14 +101,43 @@ def test_monitor_compares_with_the_highest_window_so_far(tpo_log_records):
     assert warned_steps(tpo_log_records) == ["Stage tpo, step 20"]
 
 
-def test_monitor_compares_with_the_whole_run_after_a_resume(tpo_log_records):
-    # Resumed from checkpoint-12: the history holds the logs before it (-2.0 at its best). Steps 13-15 are the end
-    # of a window whose start was not seen: no decision; steps 16-20 (-4.5) are above twice -3.5 but below twice
-    # -2.0, the whole run's best.
+def resume_args(output_dir, checkpoint_step: int) -> SimpleNamespace:
+    checkpoint = output_dir / f"checkpoint-{checkpoint_step}"
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    return SimpleNamespace(output_dir=str(output_dir), resume_from_checkpoint=str(checkpoint), should_save=True)
+
+
+def test_monitor_resumed_from_its_checkpoint_decides_as_the_uninterrupted_run(tmp_path, tpo_log_records):
+    # Steps 1-7 at -2.0, then -4.5: window 6-10 = (2 * -2.0 + 3 * -4.5) / 5 = -3.5 is not below twice -2.0;
+    # window 11-15 at -4.5 is. A resume from checkpoint-8 must know steps 6-8 and the best, -2.0.
+    steps = {step: [logs(-2.0 if step < 8 else -4.5, 0.5, 0.5)] for step in range(1, 16)}
+    train(RunawayMonitor(ONE_PROCESS), steps)
+    uninterrupted = warned_steps(tpo_log_records)
+    assert uninterrupted == ["Stage tpo, step 15"]
+
+    args = resume_args(tmp_path, 8)
+    train(RunawayMonitor(ONE_PROCESS), {step: steps[step] for step in range(1, 9)}, args=args, save_at=8)
+    seen = json.loads((tmp_path / "checkpoint-8" / stability.MONITOR_STATE_FILE).read_text())
+    assert seen == {"warned": False, "best_chosen_logp": -2.0, "window": [[-2.0, 0.5, 0.5]] * 2 + [[-4.5, 0.5, 0.5]]}
+    train(RunawayMonitor(ONE_PROCESS), {step: steps[step] for step in range(9, 16)}, args=args)
+    assert warned_steps(tpo_log_records) == uninterrupted * 2
+
+    # a run that had warned before its checkpoint does not warn again after the resume
+    args = resume_args(tmp_path / "warned", 15)
+    train(RunawayMonitor(ONE_PROCESS), steps, args=args, save_at=15)
+    fallen_further = {step: [logs(-20.0, 2.0, 2.0)] for step in range(16, 21)}
+    train(RunawayMonitor(ONE_PROCESS), fallen_further, args=args)
+    assert warned_steps(tpo_log_records) == uninterrupted * 3
+
+
+def test_monitor_resumed_from_an_older_checkpoint_compares_with_the_logged_history(tmp_path, tpo_log_records):
+    # checkpoint-12 of an older tpo-plugin holds no monitor state; the history holds the logs before it (-2.0 at
+    # its best). Steps 13-15 are the end of a window whose start was not seen: no decision; steps 16-20 (-4.5) are
+    # above twice -3.5 but below twice -2.0, the whole run's best.
     history = [{**logs(-2.0, 0.0, 0.0), "step": 5}, {**logs(-3.5, 0.5, 0.5), "step": 10}]
     steps = {13: [logs(-9.0, 2.0, 2.0)], 14: [logs(-9.0, 2.0, 2.0)], 15: [logs(-9.0, 2.0, 2.0)]}
     steps |= {step: [logs(-4.5, 0.5, 0.5)] for step in range(16, 21)}
-    train(RunawayMonitor(ONE_PROCESS), steps, history)
+    train(RunawayMonitor(ONE_PROCESS), steps, history, args=resume_args(tmp_path, 12))
     assert warned_steps(tpo_log_records) == ["Stage tpo, step 20"]
     assert "fell from -2.00" in tpo_log_records[0].getMessage()
 

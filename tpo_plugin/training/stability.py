@@ -11,11 +11,16 @@ the chosen answers losing the likelihood they had reached (their NLL doubled, an
 policy's visual scores have risen.
 """
 
+import json
+import os
 from typing import Any, Optional
 
 import torch
 from llamafactory.extras import logging
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .run_settings import resumed_checkpoint
 
 
 logger = logging.get_logger("llamafactory.train.tpo")
@@ -59,6 +64,8 @@ WATCHED_KEYS = ("logps/chosen", *DRIFT_KEYS)
 WINDOW = 5
 """Optimizer steps per mean the rule reads: the logging interval of the checks that set and tested it."""
 
+MONITOR_STATE_FILE = "tpo_monitor.json"  # in each checkpoint: what the monitor has seen, for an exact resume
+
 
 def runaway_message(logs: dict[str, float], step: int, best_chosen_logp: float) -> Optional[str]:
     """The warning for one window's (or one log's) means, or None while the run has not run away.
@@ -89,44 +96,60 @@ class RunawayMonitor(TrainerCallback):
     accumulation and ranks as LLaMA-Factory takes its logged metrics, and the monitor computes them itself from
     every batch the trainer hands to :meth:`record`: the checks that set and tested the rule logged every 5 steps,
     so with ``logging_steps: 5`` it decides as it did there, and ``logging_steps`` no longer delays it (with 10, the
-    recipes' value, it read only 10-step means, every 10 steps). A resumed run compares with the highest
-    ``logps/chosen`` its restored log history holds, so a resume compares with the whole run.
+    recipes' value, it read only 10-step means, every 10 steps). Each checkpoint holds what the monitor has seen
+    (``MONITOR_STATE_FILE``), so a resumed run decides at the steps and on the means the uninterrupted run would.
     """
 
     def __init__(self, accelerator: Any):
         self.accelerator = accelerator
         self.warned = False
-        self.best_chosen_logp: Optional[float] = None
+        self.best_chosen_logp: Optional[float] = None  # the highest window mean so far
         self._batch_values: list[list[float]] = []  # this step's batches, in WATCHED_KEYS order
-        self._window: list[list[float]] = []  # the window's per-step means
+        self._window: list[list[float]] = []  # the current window's per-step means
 
     def record(self, metrics: dict[str, float]) -> None:
         """Keep one training batch's metrics for the step's mean; silent where the keys are not logged."""
-        if not self.warned and all(key in metrics for key in WATCHED_KEYS):
+        if all(key in metrics for key in WATCHED_KEYS):
             self._batch_values.append([metrics[key] for key in WATCHED_KEYS])
 
     def on_train_begin(self, args, state, control, **kwargs):
-        logged = [entry["logps/chosen"] for entry in state.log_history if "loss" in entry and "logps/chosen" in entry]
-        self.best_chosen_logp = max(logged, default=None)  # a resumed run's history: the logs before its checkpoint
+        checkpoint = resumed_checkpoint(args) if state.global_step > 0 else None
+        saved = os.path.join(checkpoint, MONITOR_STATE_FILE) if checkpoint else None
+        if saved and os.path.isfile(saved):
+            with open(saved, encoding="utf-8") as file:
+                seen = json.load(file)
+            self.warned, self.best_chosen_logp, self._window = seen["warned"], seen["best_chosen_logp"], seen["window"]
+        else:  # a fresh run, or a checkpoint of an older tpo-plugin: the highest logged value before it
+            logged = [
+                entry["logps/chosen"] for entry in state.log_history if "loss" in entry and "logps/chosen" in entry
+            ]
+            self.best_chosen_logp = max(logged, default=None)
 
     def on_step_end(self, args, state, control, **kwargs):
         batch_values, self._batch_values = self._batch_values, []
-        if self.warned or not batch_values:
+        if not batch_values:  # the metrics have no monitor keys (multiplicative weighting): on every rank alike
             return
-        # cross-rank means: every rank takes the same decisions, so all of them reach each reduce
+        # every rank reduces at every step, warned or not, so that no rank waits for another in a reduce
         self._window.append(mean_over_ranks(self.accelerator, torch.tensor(batch_values).mean(dim=0)))
         if state.global_step % WINDOW:
             return
         window, self._window = self._window, []
-        if len(window) < WINDOW:  # a resume inside a window: its first steps were not seen
+        if len(window) < WINDOW:  # resumed inside a window from a checkpoint that did not say what it had seen
             return
         means = dict(zip(WATCHED_KEYS, torch.tensor(window).mean(dim=0).tolist(), strict=True))
         if self.best_chosen_logp is None or means["logps/chosen"] > self.best_chosen_logp:
             self.best_chosen_logp = means["logps/chosen"]
-        message = runaway_message(means, state.global_step, self.best_chosen_logp)
+        message = None if self.warned else runaway_message(means, state.global_step, self.best_chosen_logp)
         if message is not None:
             self.warned = True
             logger.warning_rank0(message)
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            seen = {"warned": self.warned, "best_chosen_logp": self.best_chosen_logp, "window": self._window}
+            with open(os.path.join(checkpoint, MONITOR_STATE_FILE), "w", encoding="utf-8") as file:
+                json.dump(seen, file)
 
 
 def mean_over_ranks(accelerator: Any, values: torch.Tensor) -> list[float]:
