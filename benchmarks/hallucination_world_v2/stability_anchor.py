@@ -121,8 +121,13 @@ def write_report(records: list[dict], path: Path, jobs: int) -> None:
         "## Runs\n\n" + "\n".join(lines),
         "## Verdicts\n\n" + verdicts(by_key, sft, collapsed, degraded),
     ]
+    write_keeping_section(path, sections, EXPLORATION)
+
+
+def write_keeping_section(path: Path, sections: list[str], heading: str) -> None:
+    """Write the report's sections; an earlier report's hand-written part, from ``heading`` on, is kept."""
     earlier = path.read_text() if path.exists() else ""
-    kept = earlier[earlier.index(EXPLORATION) :].rstrip("\n") if EXPLORATION in earlier else None
+    kept = earlier[earlier.index(heading) :].rstrip("\n") if heading in earlier else None
     path.write_text("\n\n".join(sections + ([kept] if kept else [])) + "\n")
 
 

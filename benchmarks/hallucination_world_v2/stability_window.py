@@ -49,6 +49,7 @@ SAVING = {"save_strategy": "steps", "save_steps": 1, "save_only_model": True}
 # replayed block rule checks the monitor's code.
 WINDOW, DOUBLING, FLOOR, DRIFT = 5, 2.0, 1.0, 0.25
 RULES = ("block", "sliding")
+NOTES = "## Notes"  # the report's hand-written section, appended after its run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +135,7 @@ def write_report(records: list[dict], path: Path, jobs: int) -> None:
         "## Runs\n\n" + stability_floor.runs_table(by_key, watched, rules),
         "## Verdicts\n\n" + verdicts(by_key, watched, worlds),
     ]
-    path.write_text("\n\n".join(sections) + "\n")
+    stability_anchor.write_keeping_section(path, sections, NOTES)
 
 
 def verdicts(by_key: dict, watched: list[dict], worlds: list[tuple[str, int]]) -> str:
