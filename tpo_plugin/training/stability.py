@@ -61,6 +61,9 @@ ADVICE = (
 DRIFT_KEYS = ("tpo/score_drift_chosen", "tpo/score_drift_rejected")
 WATCHED_KEYS = ("logps/chosen", *DRIFT_KEYS)
 
+# Fixed windows (steps 1-5, 6-10, ...) rather than the last 5 steps at every step: on four fresh worlds
+# (STABILITY_6.md) the fixed windows warned in time for all three TPO collapses with no false alarm in 24 runs;
+# reading every step warned 0 to 5 steps earlier but in time for no more, so by its protocol it was not adopted.
 WINDOW = 5
 """Optimizer steps per mean the rule reads: the logging interval of the checks that set and tested it."""
 
