@@ -6,6 +6,7 @@ Nothing is downloaded: models are built from configs with a locally trained toke
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -20,8 +21,11 @@ from tpo_plugin.testing import tiny_models
 from tpo_plugin.testing.tiny_models import build_tiny_model
 
 
-OFFLINE_ENV = {**tiny_models.OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
+OFFLINE_ENV = tiny_models.OFFLINE_ENV
 os.environ.update(OFFLINE_ENV)
+# Thread limits a user's shell does not set. With OMP_NUM_THREADS=1 in every test run, a hang of every shipped
+# recipe went unseen (training/forking.py): the commands the tests start run without them.
+THREAD_LIMITS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
@@ -29,15 +33,18 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
 SHAPES = ("ball", "box")
 
 
-def draw(colour: str, shape: str, size: int = 56) -> Image.Image:
-    image = Image.new("RGB", (size, size), (250, 250, 250))
-    box = (size // 4, size // 4, 3 * size // 4, 3 * size // 4)
+def draw(colour: str, shape: str, size: int | tuple[int, int] = 56) -> Image.Image:
+    width, height = (size, size) if isinstance(size, int) else size
+    image = Image.new("RGB", (width, height), (250, 250, 250))
+    box = (width // 4, height // 4, 3 * width // 4, 3 * height // 4)
     paint = ImageDraw.Draw(image)
     (paint.ellipse if shape == "ball" else paint.rectangle)(box, fill=COLOURS[colour])
     return image
 
 
-def preference_rows(image_dir: Path, count: int, with_images: bool = True) -> list[dict[str, Any]]:
+def preference_rows(
+    image_dir: Path, count: int, with_images: bool = True, size: int | tuple[int, int] = 56, prefix: str = ""
+) -> list[dict[str, Any]]:
     rows = []
     for index in range(count):
         colour, shape = list(COLOURS)[index % len(COLOURS)], SHAPES[index % len(SHAPES)]
@@ -48,9 +55,9 @@ def preference_rows(image_dir: Path, count: int, with_images: bool = True) -> li
             "rejected": {"from": "gpt", "value": f"A {colour} {shape} and a dog."},
         }
         if with_images:
-            path = image_dir / f"{index}.png"
-            draw(colour, shape).save(path)
-            row["images"] = [f"img/{index}.png"]
+            path = image_dir / f"{prefix}{index}.png"
+            draw(colour, shape, size).save(path)
+            row["images"] = [f"img/{prefix}{index}.png"]
         rows.append(row)
     return rows
 
@@ -60,7 +67,8 @@ PAIR_COLUMNS = {"messages": "conversations", "chosen": "chosen", "rejected": "re
 
 @pytest.fixture(scope="session")
 def dataset_dir(tmp_path_factory) -> Path:
-    """A dataset_dir with: tiny_pairs (8 image pairs), one_pair, mixed_pairs (2 of 6 without image),
+    """A dataset_dir with: tiny_pairs (8 image pairs), photo_pairs (8 pairs of photo-sized 320x240 images,
+    large enough that the image processor runs torch on several threads), one_pair, mixed_pairs (2 of 6 without image),
     text_pairs (no image at all), tiny_sft (not a ranking dataset) and broken_pairs (samples 0-3 each
     broken in one way: missing image, undecodable image, placeholder count, empty rejected answer)."""
     root = tmp_path_factory.mktemp("data")
@@ -78,6 +86,7 @@ def dataset_dir(tmp_path_factory) -> Path:
         pairs[4],
     ]
     files = {
+        "photo_pairs.json": preference_rows(root / "img", 8, size=(320, 240), prefix="photo"),
         "broken_pairs.json": broken,
         "pairs.json": pairs,
         "one_pair.json": pairs[:1],
@@ -90,6 +99,12 @@ def dataset_dir(tmp_path_factory) -> Path:
 
     info = {
         "tiny_pairs": {"file_name": "pairs.json", "formatting": "sharegpt", "ranking": True, "columns": PAIR_COLUMNS},
+        "photo_pairs": {
+            "file_name": "photo_pairs.json",
+            "formatting": "sharegpt",
+            "ranking": True,
+            "columns": PAIR_COLUMNS,
+        },
         "one_pair": {"file_name": "one_pair.json", "formatting": "sharegpt", "ranking": True, "columns": PAIR_COLUMNS},
         "broken_pairs": {
             "file_name": "broken_pairs.json",
@@ -157,13 +172,46 @@ def write_yaml(path: Path, config: dict[str, Any]) -> Path:
     return path
 
 
+def user_env(extra_env: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """The environment of a user's shell for a command the test starts: no thread limits, no hub."""
+    env = {key: value for key, value in os.environ.items() if key not in THREAD_LIMITS}
+    return {**env, **OFFLINE_ENV, **(extra_env or {})}
+
+
+def run_command(
+    command: list[str], cwd: Path, env: Optional[dict[str, str]] = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run ``command`` in the user's environment; a run past ``timeout`` seconds fails the test, whatever it left.
+
+    The command gets its own process group, killed whole on time-out: a hung run's forked workers hold its
+    output pipes open, and ``subprocess.run`` would wait for them forever after killing only the command.
+    """
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env or user_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(
+            f"{' '.join(command)} did not finish in {timeout} s (hung?):\n{stdout[-4000:]}\n{stderr[-8000:]}"
+        ) from None
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def run_cli(
     args: list[str], cwd: Path, extra_env: Optional[dict[str, str]] = None, timeout: int = 300, check: bool = True
 ) -> subprocess.CompletedProcess:
     """Run ``llamafactory-cli`` of this environment, as a user would, and return its output."""
-    env = {**os.environ, **OFFLINE_ENV, **(extra_env or {})}
     cli = Path(sys.executable).with_name("llamafactory-cli")
-    result = subprocess.run([str(cli), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    result = run_command([str(cli), *args], cwd, user_env(extra_env), timeout)
     if check and result.returncode != 0:
         raise AssertionError(
             f"llamafactory-cli {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"

@@ -5,14 +5,13 @@ tests: no timing is asserted here."""
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import OFFLINE_ENV
+from conftest import user_env
 
 
 pytestmark = pytest.mark.e2e
@@ -25,7 +24,7 @@ def test_harness_prints_json_line_and_reference_structure_trains_like_tpo(tmp_pa
     command = [sys.executable, str(BENCHMARKS / "bench_tpo.py"), "--device", "cpu", "--work-dir", str(tmp_path)]
     command += ["--warmup-steps", "0", "--measured-steps", "2", "--batch-pairs", "2"]
     command += ["--image-size", "56", "--answer-tokens", "16", "--question-tokens", "8"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, **OFFLINE_ENV})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=user_env())
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
 
     lines = [line for line in result.stdout.splitlines() if line.startswith('{"benchmark": "tpo_vs_dpo"')]

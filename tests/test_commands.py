@@ -2,14 +2,13 @@
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import OFFLINE_ENV, train_config, train_logs, write_yaml
+from conftest import train_config, train_logs, user_env, write_yaml
 
 
 pytestmark = pytest.mark.e2e
@@ -17,7 +16,7 @@ pytestmark = pytest.mark.e2e
 
 def tpo_plugin_command(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     command = [str(Path(sys.executable).with_name("tpo-plugin")), *args]
-    return subprocess.run(command, cwd=cwd, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True)
+    return subprocess.run(command, cwd=cwd, env=user_env(), capture_output=True, text=True)
 
 
 def test_demo_trains_and_reports_where_everything_is(tmp_path):

@@ -1,7 +1,6 @@
 """Two TPO runs at the same time, into different folders, do not interfere: each logs exactly what it logs
 when it runs alone (the plugin writes no shared temporary files or caches)."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import OFFLINE_ENV, log_history, run_cli, train_config, write_yaml
+from conftest import log_history, run_cli, train_config, user_env, write_yaml
 
 
 pytestmark = pytest.mark.e2e
@@ -27,7 +26,7 @@ def test_two_simultaneous_runs_match_runs_alone(model_dirs, dataset_dir, tmp_pat
         recipes[name] = write_yaml(tmp_path / f"{name}.yaml", config)
 
     cli = str(Path(sys.executable).with_name("llamafactory-cli"))
-    env = {**os.environ, **OFFLINE_ENV}
+    env = user_env()
     logs = {name: open(tmp_path / f"{name}.log", "w") for name in recipes}  # files: pipes could fill and block
     processes = {
         name: subprocess.Popen(

@@ -24,7 +24,7 @@ from tpo_plugin.method.objective import target_token_scores, tpo_batch_loss
 from tpo_plugin.training.collator import PAIR_IMAGES_KEY
 from tpo_plugin.training.trainer import corrupted_pass_inputs
 
-from conftest import OFFLINE_ENV, PAIR_COLUMNS, preference_rows, train_config, train_logs, write_yaml
+from conftest import PAIR_COLUMNS, preference_rows, train_config, train_logs, user_env, write_yaml
 
 
 # deepspeed before 0.19.8 waits only for the last of the all-gathers that assemble ZeRO-3 parameters; on gloo
@@ -136,16 +136,16 @@ def train_two_ranks(model_dir: Path, dataset_dir: Path, work_dir: Path, deepspee
     if deepspeed_stage is not None:
         config["deepspeed"] = str(DEEPSPEED_CONFIGS / f"ds_z{deepspeed_stage}_config.json")
     recipe = write_yaml(work_dir / "tpo.yaml", config)
-    env = {
-        **os.environ,
-        **OFFLINE_ENV,
-        "FORCE_TORCHRUN": "1",
-        "NPROC_PER_NODE": "2",
-        "MASTER_PORT": str(free_port()),
-        "DS_ACCELERATOR": "cpu",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(work_dir / "site"), os.environ.get("PYTHONPATH")])),
-        "TPO_TEST_PASS_LOG": str(pass_log),
-    }
+    env = user_env(
+        {
+            "FORCE_TORCHRUN": "1",
+            "NPROC_PER_NODE": "2",
+            "MASTER_PORT": str(free_port()),
+            "DS_ACCELERATOR": "cpu",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(work_dir / "site"), os.environ.get("PYTHONPATH")])),
+            "TPO_TEST_PASS_LOG": str(pass_log),
+        }
+    )
     cli = Path(sys.executable).with_name("llamafactory-cli")
     process = subprocess.Popen(
         [str(cli), "train", str(recipe)],

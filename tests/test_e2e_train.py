@@ -2,13 +2,12 @@
 argv, torchrun with two CPU ranks) and ``run_exp``, on tiny local Qwen2-VL and LLaVA-1.5 models."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import OFFLINE_ENV, log_history, run_cli, train_config, train_logs, write_yaml
+from conftest import log_history, run_cli, run_command, train_config, train_logs, write_yaml
 
 
 pytestmark = pytest.mark.e2e
@@ -97,10 +96,18 @@ def test_qwen2_vl_full_argv_form(model_dirs, dataset_dir, tmp_path):
 
 def test_llava_lora_through_run_exp(model_dirs, dataset_dir, tmp_path):
     output_dir = tmp_path / "out"
-    config = train_config(model_dirs["llava"], "llava", dataset_dir, output_dir, tpo_score="logprob")
+    config = train_config(
+        model_dirs["llava"],
+        "llava",
+        dataset_dir,
+        output_dir,
+        tpo_score="logprob",
+        dataset="photo_pairs",
+        preprocessing_num_workers=2,
+        overwrite_cache=True,
+    )
     script = f"from llamafactory.train.tuner import run_exp\nrun_exp(args={config!r})\n"
-    env = {**__import__("os").environ, **OFFLINE_ENV}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    result = run_command([sys.executable, "-c", script], tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-6000:]
 
     assert "score=logprob" in result.stderr + result.stdout
@@ -123,7 +130,16 @@ def test_llava_full_yaml_with_reward_on_chosen(model_dirs, dataset_dir, tmp_path
 
 def test_two_torchrun_ranks_both_train_tpo(model_dirs, dataset_dir, tmp_path):
     output_dir = tmp_path / "out"
-    config = train_config(model_dirs["qwen2_vl"], "qwen2_vl", dataset_dir, output_dir, per_device_train_batch_size=1)
+    config = train_config(
+        model_dirs["qwen2_vl"],
+        "qwen2_vl",
+        dataset_dir,
+        output_dir,
+        per_device_train_batch_size=1,
+        dataset="photo_pairs",
+        preprocessing_num_workers=2,
+        overwrite_cache=True,
+    )
     recipe = write_yaml(tmp_path / "tpo.yaml", config)
     extra_env = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MASTER_PORT": "29731"}
     result = run_cli(["train", str(recipe)], cwd=tmp_path, extra_env=extra_env, timeout=600, check=False)
@@ -141,6 +157,33 @@ def test_two_torchrun_ranks_both_train_tpo(model_dirs, dataset_dir, tmp_path):
     assert "did not know which step" not in output  # each rank's loader knew its batches' steps (step_keys.py)
     assert_tpo_logged(output_dir, steps=2)
     assert (output_dir / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("workers", [4, 16])
+def test_preprocessing_workers_fork_after_the_data_checks(workers, model_dirs, dataset_dir, tmp_path):
+    """The data checks run the image processor (torch, on several threads for photo-sized images) before
+    LLaMA-Factory forks its map workers; without thread limits in the environment, as a user runs, the workers
+    must not deadlock in the thread pool they inherit (training/forking.py). Evaluation data and data loader
+    workers fork after that too."""
+    output_dir = tmp_path / "out"
+    config = train_config(
+        model_dirs["qwen2_vl"],
+        "qwen2_vl",
+        dataset_dir,
+        output_dir,
+        dataset="photo_pairs",
+        preprocessing_num_workers=workers,
+        dataloader_num_workers=2,
+        val_size=0.25,
+        eval_strategy="steps",
+        eval_steps=2,
+        per_device_eval_batch_size=2,
+        overwrite_cache=True,  # tokenise in forked workers every time, never from the datasets cache
+    )
+    run_cli(["train", str(write_yaml(tmp_path / "tpo.yaml", config))], cwd=tmp_path, timeout=240)
+
+    assert_tpo_logged(output_dir, steps=2)
+    assert any("eval_loss" in entry for entry in log_history(output_dir))
 
 
 def test_pairs_without_image_train_as_dpo_pairs(model_dirs, dataset_dir, tmp_path):

@@ -9,7 +9,6 @@ question files and answers in varied phrasings.
 
 import csv
 import json
-import os
 import random
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from tpo_plugin.evaluation import answers as generation
 from tpo_plugin.evaluation import pope
 from tpo_plugin.evaluation.inputs import Question
 
-from conftest import COLOURS, OFFLINE_ENV, SHAPES, draw, train_config, write_yaml
+from conftest import COLOURS, SHAPES, draw, train_config, user_env, write_yaml
 
 
 PHRASINGS = [
@@ -744,9 +743,7 @@ def lora_adapter(model_dirs, tmp_path_factory) -> Path:
 
 def run_module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "tpo_plugin", *args]
-    return subprocess.run(
-        command, cwd=cwd, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run(command, cwd=cwd, env=user_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.e2e

@@ -8,7 +8,6 @@ the evaluation step key, or a white image), then takes raw target-token logits (
 import html
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -21,17 +20,14 @@ from tpo_plugin.commands.cli import main as tpo_plugin_main
 from tpo_plugin.method.noise import corrupt_image
 from tpo_plugin.training.corruption import EVAL_STEP_KEY
 
-from conftest import OFFLINE_ENV, run_cli, train_config, train_logs, write_yaml
+from conftest import run_cli, run_command, train_config, train_logs, write_yaml
 
 
 pytestmark = pytest.mark.e2e
 
 
 def run_inspect(args: list[str], cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, **OFFLINE_ENV}
-    result = subprocess.run(
-        [sys.executable, "-m", "tpo_plugin", "inspect", *args], cwd=cwd, env=env, capture_output=True, text=True
-    )
+    result = run_command([sys.executable, "-m", "tpo_plugin", "inspect", *args], cwd, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 
@@ -95,6 +91,21 @@ def test_inspect_scores_weights_and_report(family, corruption, model_dirs, datas
     assert "http://" not in page and "https://" not in page and "data:image/png;base64," in page
     for token in record["chosen"]["tokens"] + record["rejected"]["tokens"]:
         assert f">{html.escape(token)}</span>" in page
+
+
+def test_inspect_with_preprocessing_workers_on_photo_sized_images(model_dirs, dataset_dir, tmp_path):
+    # inspect runs the data checks (torch, several threads) before get_dataset forks its workers, as training does
+    config = train_config(
+        model_dirs["qwen2_vl"], "qwen2_vl", dataset_dir, tmp_path / "run", dataset="photo_pairs",
+        preprocessing_num_workers=4, overwrite_cache=True,
+    )  # fmt: skip
+    out = tmp_path / "inspect"
+    run_inspect(
+        [str(write_yaml(tmp_path / "tpo.yaml", config)), "--output-dir", str(out), "--num-pairs", "2"], tmp_path
+    )
+    records = [json.loads(line) for line in (out / "tokens.jsonl").read_text().splitlines()]
+    assert [record["pair"] for record in records] == [0, 1]
+    assert records[0]["image"][0].endswith("img/photo0.png")
 
 
 def test_logged_tokens_equal_the_steps_metrics_inspect_and_history(model_dirs, dataset_dir, tmp_path):

@@ -2,7 +2,6 @@
 like a finished run, and resuming from the checkpoint continues the same run."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OFFLINE_ENV, run_cli, train_config, train_logs, write_yaml
+from conftest import run_cli, train_config, train_logs, user_env, write_yaml
 
 
 pytestmark = pytest.mark.e2e
@@ -33,7 +32,7 @@ def test_signal_saves_a_checkpoint_and_resume_continues(stop_signal, model_dirs,
     process = subprocess.Popen(
         [str(cli), "train", str(recipe)],
         cwd=tmp_path,
-        env={**os.environ, **OFFLINE_ENV},
+        env=user_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -183,16 +183,18 @@ def test_dpo_recipe_has_a_tpo_counterpart(path):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("path", RECIPES, ids=ids(RECIPES))
-def test_recipe_trains_one_step_on_cpu(path, recipe_model_dirs, tmp_path):
-    """Every key of the recipe is kept (lr, scheduler, freezing, LoRA, tpo_*, workers, bf16) except: the
-    tiny model of the recipe's family (Qwen2.5-VL and Qwen3-VL their own), no DeepSpeed, the local tpo_demo
-    pairs, one step of batch 1, a short cutoff, a log entry at that step, and outputs in tmp_path."""
+def test_recipe_trains_one_step_on_cpu(path, recipe_model_dirs, dataset_dir, tmp_path):
+    """Every key of the recipe is kept (lr, scheduler, freezing, LoRA, tpo_*, preprocessing and loader workers,
+    bf16) except: the tiny model of the recipe's family (Qwen2.5-VL and Qwen3-VL their own), no DeepSpeed, local
+    pairs of photo-sized images tokenised afresh, one step of batch 1, a short cutoff, a log entry at that step,
+    and outputs in tmp_path. It runs without thread limits in the environment, as a user runs it."""
     config = load(path)
     output_dir = tmp_path / "out"
     tiny = on_tiny_model(config, recipe_model_dirs)
     tiny.update(
-        dataset="tpo_demo",
-        dataset_dir=str(DATA_INFO),
+        dataset="photo_pairs",
+        dataset_dir=str(dataset_dir),
+        overwrite_cache=True,
         max_steps=1,
         cutoff_len=512,
         per_device_train_batch_size=1,
@@ -201,7 +203,7 @@ def test_recipe_trains_one_step_on_cpu(path, recipe_model_dirs, tmp_path):
         report_to="none",
     )
     recipe = write_yaml(tmp_path / path.name, tiny)
-    result = run_cli(["train", str(recipe)], cwd=tmp_path)
+    result = run_cli(["train", str(recipe)], cwd=tmp_path, timeout=300)
     output = result.stdout + result.stderr
 
     state = json.loads((output_dir / "trainer_state.json").read_text())

@@ -1,7 +1,6 @@
 """How the plugin reaches LLaMA-Factory: the start-up hook, its cost, the off switch, the patch guards,
 and that the other stages train exactly as without the plugin."""
 
-import os
 import subprocess
 import sys
 import types
@@ -12,13 +11,11 @@ from tpo_plugin import compat
 from tpo_plugin.integration import bootstrap, patches
 from tpo_plugin.training.corruption import regularize_images
 
-from conftest import OFFLINE_ENV, log_history, run_cli, train_config, write_yaml
+from conftest import log_history, run_cli, train_config, user_env, write_yaml
 
 
 def python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, **OFFLINE_ENV, **env}, capture_output=True, text=True
-    )
+    return subprocess.run([sys.executable, "-c", code], env=user_env(env), capture_output=True, text=True)
 
 
 def last_line(result: subprocess.CompletedProcess) -> str:

@@ -29,7 +29,7 @@ from tpo_plugin.hparams.tpo_args import TPOArguments, tpo_defaults
 from tpo_plugin.integration import patches
 from tpo_plugin.webui import panel as webui
 
-from conftest import ARTIFACTS, OFFLINE_ENV
+from conftest import ARTIFACTS, user_env
 
 
 # Every tpo_* key set to a value other than its default, as a user would in the panel; but tpo_weighting, since
@@ -138,7 +138,7 @@ def test_other_stages_get_the_same_arguments_as_without_the_plugin(tmp_path):
     for plugin in ("on", "off"):
         workdir = tmp_path / plugin
         workdir.mkdir()
-        env = {**os.environ, **OFFLINE_ENV, "TPO_PLUGIN_DISABLE": "1" if plugin == "off" else "0"}
+        env = user_env({"TPO_PLUGIN_DISABLE": "1" if plugin == "off" else "0"})
         result = subprocess.run(
             [sys.executable, str(helper), "args.json"], cwd=workdir, env=env, capture_output=True, text=True
         )
@@ -265,14 +265,14 @@ def webui_server(tmp_path_factory):
     (LlamaBoard writes ``llamaboard_cache/``, ``llamaboard_config/`` and ``saves/`` there)."""
     workdir = tmp_path_factory.mktemp("webui")
     port = free_port()
-    env = {
-        **os.environ,
-        **OFFLINE_ENV,
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-        "GRADIO_SERVER_PORT": str(port),
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "BROWSER": "true",  # gradio's launch(inbrowser=True) would open a browser where a display exists
-    }
+    env = user_env(
+        {
+            "GRADIO_SERVER_NAME": "127.0.0.1",
+            "GRADIO_SERVER_PORT": str(port),
+            "GRADIO_ANALYTICS_ENABLED": "False",
+            "BROWSER": "true",  # gradio's launch(inbrowser=True) would open a browser where a display exists
+        }
+    )
     log = workdir / "webui.log"
     cli = Path(sys.executable).with_name("llamafactory-cli")
     with log.open("w") as log_file:
@@ -394,7 +394,8 @@ def fill_tpo_run(page, model_dir: Path, dataset_dir: Path, dataset: str, output_
     textbox(page, "Max samples").fill("8")
     choose(page, "Compute type", "fp32")
     open_panel(page, "Extra configurations")
-    extra_args = {"optim": "adamw_torch", "preprocessing_num_workers": 1, "gradient_accumulation_steps": 1}
+    # LlamaBoard's own preprocessing_num_workers (16) is kept: the training it starts forks that many workers.
+    extra_args = {"optim": "adamw_torch", "gradient_accumulation_steps": 1, "overwrite_cache": True}
     textbox(page, "Extra arguments").fill(json.dumps({**extra_args, "max_steps": max_steps, "logging_steps": 1}))
     output = page.get_by_label("Output dir", exact=True)
     output.fill(str(output_dir))
@@ -412,13 +413,13 @@ def shown_command(page) -> str:
 
 
 @pytest.mark.e2e
-def test_tpo_trains_from_the_web_ui(page, model_dirs, tmp_path):
+def test_tpo_trains_from_the_web_ui(page, model_dirs, dataset_dir, tmp_path):
     output_dir = tmp_path / "tpo_from_ui"
     page.get_by_label("Stage", exact=True).click()
     assert "TPO" in page.get_by_role("option").all_inner_texts()
     page.keyboard.press("Escape")
 
-    fill_tpo_run(page, model_dirs["qwen2_vl"], DATA_INFO, "tpo_demo", output_dir, max_steps=2)
+    fill_tpo_run(page, model_dirs["qwen2_vl"], dataset_dir, "photo_pairs", output_dir, max_steps=2)
     for key in webui.TPO_KEYS:  # choosing TPO opened its panel, labelled in English
         page.get_by_text(webui.LOCALES[key]["en"]["label"], exact=True).wait_for()
 

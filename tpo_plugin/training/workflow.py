@@ -22,6 +22,7 @@ from .collator import TPODataCollatorWithPadding
 from .corruption import ImageCorrupter
 from .data_checks import check_image_template, check_pairs, check_ranking_datasets
 from .families import check_template_family
+from .forking import single_threaded_torch_in_forked_children
 from .reference_scores import (
     SCORES_FILE,
     ReferenceScores,
@@ -82,6 +83,7 @@ def run_tpo(
         f"pref_loss={finetuning_args.pref_loss}, "
         f"pref_beta={finetuning_args.pref_beta}."
     )
+    single_threaded_torch_in_forked_children()  # the data checks run torch before get_dataset forks its workers
     check_ranking_datasets(data_args)
     resumed_step = check_resume(training_args, finetuning_args)  # a finished run or another objective: refused
     settings = objective_settings(finetuning_args, training_args)
