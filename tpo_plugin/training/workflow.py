@@ -18,6 +18,7 @@ from llamafactory.model import load_model, load_tokenizer
 from llamafactory.train.trainer_utils import create_modelcard_and_push, create_ref_model
 from transformers import TrainerCallback
 
+from ..compat import untested_llamafactory
 from .collator import TPODataCollatorWithPadding
 from .corruption import ImageCorrupter
 from .data_checks import check_image_template, check_pairs, check_ranking_datasets
@@ -83,6 +84,8 @@ def run_tpo(
         f"pref_loss={finetuning_args.pref_loss}, "
         f"pref_beta={finetuning_args.pref_beta}."
     )
+    if warning := untested_llamafactory():
+        logger.warning_rank0(warning)
     single_threaded_torch_in_forked_children()  # the data checks run torch before get_dataset forks its workers
     check_ranking_datasets(data_args)
     resumed_step = check_resume(training_args, finetuning_args)  # a finished run or another objective: refused
