@@ -52,6 +52,17 @@ def test_defaults_follow_the_method():
         ("tpo_allow_changed_settings", 1, "`tpo_allow_changed_settings` must be true or false, got 1"),
         ("tpo_log_tokens", -1, "`tpo_log_tokens` must be an integer >= 0 (0: off), got -1"),
         ("tpo_log_tokens", 1.5, "`tpo_log_tokens` must be an integer >= 0 (0: off), got 1.5"),
+        ("tpo_reward_offset", float("inf"), "`tpo_reward_offset` must be a finite number >= 0, got inf"),
+        ("tpo_weight_clip", float("inf"), "`tpo_weight_clip` must be a finite number >= 0 (0: off), got inf"),
+        ("pref_beta", -0.5, "`pref_beta` must be a number > 0, got -0.5"),
+        ("pref_beta", 0.0, "`pref_beta` must be a number > 0, got 0.0"),
+        ("pref_beta", float("nan"), "`pref_beta` must be a number > 0, got nan"),
+        ("pref_beta", float("inf"), "`pref_beta` must be a finite number > 0, got inf"),
+        ("pref_ftx", -1.0, "`pref_ftx` must be a number >= 0 (0: off), got -1.0"),
+        ("pref_ftx", float("inf"), "`pref_ftx` must be a finite number >= 0 (0: off), got inf"),
+        ("dpo_label_smoothing", 0.9, "`dpo_label_smoothing` must be a number in [0, 0.5) (0: off), got 0.9"),
+        ("dpo_label_smoothing", 0.5, "`dpo_label_smoothing` must be a number in [0, 0.5) (0: off), got 0.5"),
+        ("dpo_label_smoothing", -0.5, "`dpo_label_smoothing` must be a number in [0, 0.5) (0: off), got -0.5"),
     ],
 )
 def test_invalid_values_name_key_value_and_allowed(key, value, message):

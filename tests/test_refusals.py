@@ -45,6 +45,25 @@ def test_cli_reports_invalid_value_of_override(model_dirs, dataset_dir, tmp_path
     assert "`tpo_score` must be one of logit, logprob; got 'prob'" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "in_yaml, override, message",
+    [
+        ({"tpo_reward_offset": float("inf")}, [], "`tpo_reward_offset` must be a finite number >= 0, got inf"),
+        ({"pref_beta": float("nan")}, [], "`pref_beta` must be a number > 0, got nan"),
+        ({}, ["pref_beta=-0.5"], "`pref_beta` must be a number > 0, got -0.5"),
+        ({}, ["dpo_label_smoothing=0.9"], "`dpo_label_smoothing` must be a number in [0, 0.5) (0: off), got 0.9"),
+    ],
+)
+def test_cli_refuses_objective_keys_outside_their_range(in_yaml, override, message, model_dirs, dataset_dir, tmp_path):
+    # Outside these ranges LLaMA-Factory trains the objective backwards or not at all, with metrics that look fine.
+    output_dir = tmp_path / "out"
+    config = train_config(model_dirs["qwen2_vl"], "qwen2_vl", dataset_dir, output_dir, **in_yaml)
+    result = run_cli(["train", str(write_yaml(tmp_path / "tpo.yaml", config)), *override], cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Loading weights" not in result.stdout + result.stderr and not output_dir.exists()
+
+
 def test_cli_argv_rejects_unknown_choice(model_dirs, dataset_dir, tmp_path):
     result = run_cli(
         ["train", "--stage", "tpo", "--tpo_corruption", "gaussian", "--model_name_or_path", str(model_dirs["llava"])],

@@ -5,8 +5,9 @@ checked against these fields by a test. Values are validated in ``__post_init__`
 LLaMA-Factory parses the arguments and before any model or data is loaded.
 """
 
+import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from llamafactory.hparams.finetuning_args import FinetuningArguments
 
@@ -131,15 +132,10 @@ class TPOArguments:
         _check_choice("tpo_score", self.tpo_score, SCORE_KINDS)
         _check_choice("tpo_weighting", self.tpo_weighting, WEIGHTINGS)
 
-        offset = self.tpo_reward_offset
-        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not offset >= 0:
-            raise ValueError(f"`tpo_reward_offset` must be a number >= 0, got {offset!r}.")
-        self.tpo_reward_offset = float(offset)
-
-        clip = self.tpo_weight_clip
-        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:
-            raise ValueError(f"`tpo_weight_clip` must be a number >= 0 (0: off), got {clip!r}.")
-        self.tpo_weight_clip = float(clip)
+        self.tpo_reward_offset = checked_number("tpo_reward_offset", self.tpo_reward_offset, ">= 0", lambda v: v >= 0)
+        self.tpo_weight_clip = checked_number(
+            "tpo_weight_clip", self.tpo_weight_clip, ">= 0 (0: off)", lambda v: v >= 0
+        )
         if self.tpo_weight_clip > 0 and self.tpo_weighting != "log_additive":  # a guard that guards nothing
             raise ValueError(
                 f"`tpo_weight_clip: {self.tpo_weight_clip:g}` has no effect with `tpo_weighting: "
@@ -166,6 +162,20 @@ class TPOArguments:
         num_logged = self.tpo_log_tokens
         if isinstance(num_logged, bool) or not isinstance(num_logged, int) or num_logged < 0:
             raise ValueError(f"`tpo_log_tokens` must be an integer >= 0 (0: off), got {num_logged!r}.")
+
+
+def checked_number(key: str, value: Any, allowed: str, within: Callable[[float], bool]) -> float:
+    """``value`` as a float, or a ``ValueError`` naming the key, the value and the allowed range. Infinity and NaN
+    are never allowed: either turns every loss of the run into NaN or into a constant."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not within(value):
+        raise ValueError(f"`{key}` must be a number {allowed}, got {value!r}.")
+    if not math.isfinite(value):
+        raise ValueError(f"`{key}` must be a finite number {allowed}, got {value!r}.")
+    return float(value)
+
+
+def _at_least_zero(value: float) -> bool:
+    return value >= 0
 
 
 def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -204,6 +214,14 @@ class TPOFinetuningArguments(FinetuningArguments, TPOArguments):
                 f"use one of {', '.join(TPO_PREF_LOSSES)}."
             )
 
+        # LLaMA-Factory checks none of these ranges; outside them the run trains, with excellent-looking metrics,
+        # something else: beta < 0 pushes the chosen answers down and the rejected ones up, beta = 0 has no
+        # gradient, label smoothing >= 0.5 prefers the rejected answers, a negative pref_ftx unlearns the chosen.
+        self.pref_beta = checked_number("pref_beta", self.pref_beta, "> 0", lambda v: v > 0)
+        self.pref_ftx = checked_number("pref_ftx", self.pref_ftx, ">= 0 (0: off)", _at_least_zero)
+        self.dpo_label_smoothing = checked_number(
+            "dpo_label_smoothing", self.dpo_label_smoothing, "in [0, 0.5) (0: off)", lambda v: 0 <= v < 0.5
+        )
         if self.pref_loss != "sigmoid" and self.dpo_label_smoothing > 1e-6:
             raise ValueError("`dpo_label_smoothing` is only valid with `pref_loss: sigmoid`.")
 
