@@ -1,9 +1,12 @@
 """Data and options TPO cannot use are refused through LLaMA-Factory's ``run_exp`` with a message that
 names the problem, before the model is loaded and before anything that looks like a finished run."""
 
+import json
+from io import BytesIO
+
 import pytest
 
-from conftest import run_cli, train_config, write_yaml
+from conftest import PAIR_COLUMNS, draw, preference_rows, run_cli, train_config, write_yaml
 
 
 pytestmark = pytest.mark.e2e
@@ -35,6 +38,57 @@ def test_refused_before_training(overrides, message, model_dirs, dataset_dir, tm
     assert message in run_exp_error(config)
     assert not (output_dir / "trainer_state.json").exists()
     assert not any(output_dir.glob("*.safetensors")) if output_dir.exists() else True
+
+
+@pytest.fixture(scope="module")
+def hostile_dataset_dir(tmp_path_factory):
+    """Datasets a careless or hostile source produces: a truncated JPEG (PIL's verify() accepts it), an <image>
+    placeholder in an answer, and a JSON file nested deeper than Python's reader recurses."""
+    root = tmp_path_factory.mktemp("hostile")
+    (root / "img").mkdir()
+    rows = preference_rows(root / "img", 2)
+    jpeg = BytesIO()
+    draw("red", "ball", (320, 240)).save(jpeg, "JPEG")
+    (root / "img" / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    files = {
+        "truncated": [rows[0], {**rows[1], "images": ["img/truncated.jpg"]}],
+        "image_in_answer": [{**rows[0], "rejected": {"from": "gpt", "value": "<image>A red ball and a dog."}}],
+    }
+    for name, samples in files.items():
+        (root / f"{name}.json").write_text(json.dumps(samples))
+    (root / "nested.json").write_text("[" * 100_000 + "]" * 100_000)
+    info = {
+        name: {"file_name": f"{name}.json", "formatting": "sharegpt", "ranking": True, "columns": PAIR_COLUMNS}
+        for name in (*files, "nested")
+    }
+    (root / "dataset_info.json").write_text(json.dumps(info))
+    return root
+
+
+@pytest.mark.parametrize(
+    "dataset, message",
+    [
+        ("truncated", "dataset `truncated`, sample 1: image `"),
+        ("truncated", "truncated.jpg` cannot be decoded (image file is truncated"),
+        ("image_in_answer", "dataset `image_in_answer`, sample 0: field `rejected` holds an <image> placeholder"),
+        ("nested", "nested.json`: is nested too deeply to read as samples"),
+    ],
+)
+def test_hostile_data_is_named_before_the_model_loads(dataset, message, model_dirs, hostile_dataset_dir, tmp_path):
+    config = train_config(model_dirs["qwen2_vl"], "qwen2_vl", hostile_dataset_dir, tmp_path / "out", dataset=dataset)
+    assert message in run_exp_error(config)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"streaming": True, "max_steps": 2}, "`streaming: true` is not supported by stage tpo"),
+        ({"packing": True}, "`packing: true` is not supported by stage tpo"),
+    ],
+)
+def test_streaming_and_packing_are_refused(overrides, message, model_dirs, dataset_dir, tmp_path):
+    config = train_config(model_dirs["qwen2_vl"], "qwen2_vl", dataset_dir, tmp_path / "out", **overrides)
+    assert message in run_exp_error(config)
 
 
 def test_cli_reports_invalid_value_of_override(model_dirs, dataset_dir, tmp_path):

@@ -73,7 +73,7 @@ def inspect_pairs(config: dict[str, Any], num_pairs: int, split: str) -> tuple[l
     from llamafactory.model import load_model, load_tokenizer
     from llamafactory.train.trainer_utils import create_ref_model
 
-    from ..training.data_checks import check_image_template, check_pairs, check_ranking_datasets
+    from ..training.data_checks import check_data_arguments, check_image_template, check_pairs
     from ..training.forking import single_threaded_torch_in_forked_children
     from ..training.token_view import pair_token_views, reference_description
     from ..training.trainer import CustomTPOTrainer
@@ -81,7 +81,7 @@ def inspect_pairs(config: dict[str, Any], num_pairs: int, split: str) -> tuple[l
 
     model_args, data_args, training_args, finetuning_args, _ = get_train_args(config)
     single_threaded_torch_in_forked_children()  # the data checks run torch before get_dataset forks its workers
-    check_ranking_datasets(data_args)
+    check_data_arguments(data_args)
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
     template = get_template_and_fix_tokenizer(tokenizer, data_args)

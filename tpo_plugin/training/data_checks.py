@@ -10,8 +10,9 @@ import json
 import os
 import re
 from io import BytesIO
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
+from datasets import Features, Sequence, Value
 from llamafactory.data import loader
 from llamafactory.data.parser import get_dataset_list
 from llamafactory.data.processor.processor_utils import infer_seqlen
@@ -24,6 +25,7 @@ from .image_modes import mode_problem
 
 
 if TYPE_CHECKING:
+    from datasets import Dataset
     from llamafactory.hparams import DataArguments, ModelArguments
 
 
@@ -63,7 +65,8 @@ def image_problem(image: Any, media_dir: str = "") -> str | None:
 
         with Image.open(source) as opened:
             opened.verify()
-        with Image.open(source) as opened:  # verify() leaves the image unusable; the mode needs a fresh one
+        with Image.open(source) as opened:  # verify() leaves the image unusable; decoding needs a fresh one
+            opened.load()  # verify() reads no pixels: a truncated file passes it and fails only in training
             return _named_mode_problem(opened, image if isinstance(image, str) else "<bytes>")
     except Exception as error:  # PIL raises many kinds; each means the same to the user
         reason = MEMORY_ADDRESS.sub("", str(error))
@@ -89,6 +92,13 @@ def pair_problems(row: dict[str, Any], image_placeholder: str = "<image>", media
     for side, response in zip(("chosen", "rejected"), responses, strict=False):
         if not str(response.get("content", "")).strip():
             problems.append(f"field `{side}` is empty")
+
+    for side, response in zip(("chosen", "rejected"), responses, strict=False):
+        if image_placeholder in str(response.get("content", "")):
+            problems.append(
+                f"field `{side}` holds an {image_placeholder} placeholder: images belong in the prompt, the answers "
+                "are text"
+            )
 
     images = row.get("_images") or []
     placeholders = sum(
@@ -154,29 +164,54 @@ class ImageTokenBudget:
         return prompt_ids, max(answer_lens)
 
 
+def pair_findings(
+    row: dict[str, Any], image_placeholder: str, media_dir: str, token_budget: Optional[ImageTokenBudget]
+) -> dict[str, Any]:
+    """What the checks find in one aligned sample: its problems, whether its answers are identical, whether it
+    has an image."""
+    problems = pair_problems(row, image_placeholder, media_dir)
+    if not problems and token_budget is not None:  # encoding needs readable, matching images
+        problems = [problem for problem in [token_budget.problem(row)] if problem]
+    return {"problems": problems, "identical": identical_answers(row), "has_image": bool(row.get("_images"))}
+
+
+FINDINGS = Features({"problems": Sequence(Value("string")), "identical": Value("bool"), "has_image": Value("bool")})
+
+
 def check_preference_data(
-    datasets: dict[str, Iterable[dict[str, Any]]],
+    datasets: dict[str, "Dataset"],
     image_placeholder: str = "<image>",
     media_dir: str = "",
     token_budget: Optional[ImageTokenBudget] = None,
+    num_workers: Optional[int] = None,
 ) -> tuple[int, int, list[str]]:
     """Raise one ``ValueError`` listing the problems of all samples; return (pairs, pairs without image, the
     samples whose answers are identical).
 
-    ``datasets`` maps each dataset name to its aligned rows.
+    ``datasets`` maps each dataset name to its aligned rows. The samples are checked as LLaMA-Factory tokenises
+    them, with ``Dataset.map`` on ``num_workers`` processes (``preprocessing_num_workers``) and a progress bar:
+    decoding every image and expanding it into tokens is as much work as the tokenising itself.
     """
     problems, num_pairs, without_image, identical = [], 0, 0, []
-    for name, rows in datasets.items():
-        for index, row in enumerate(rows):
+    for name, dataset in datasets.items():
+        findings = dataset.map(
+            pair_findings,
+            fn_kwargs={"image_placeholder": image_placeholder, "media_dir": media_dir, "token_budget": token_budget},
+            remove_columns=dataset.column_names,
+            features=FINDINGS,
+            num_proc=num_workers,
+            keep_in_memory=True,  # findings are small, and never reused: nothing goes to the datasets cache
+            load_from_cache_file=False,
+            new_fingerprint=f"tpo-checks-{dataset._fingerprint}",
+            desc=f"Checking the preference pairs of {name}",
+        )
+        for index, finding in enumerate(findings):
             num_pairs += 1
-            without_image += not row.get("_images")
+            without_image += not finding["has_image"]
             sample = f"dataset `{name}`, sample {index}"
-            if identical_answers(row):
+            if finding["identical"]:
                 identical.append(sample)
-            row_problems = pair_problems(row, image_placeholder, media_dir)
-            if not row_problems and token_budget is not None:  # encoding needs readable, matching images
-                row_problems = [problem for problem in [token_budget.problem(row)] if problem]
-            problems.extend(f"{sample}: {problem}" for problem in row_problems)
+            problems.extend(f"{sample}: {problem}" for problem in finding["problems"])
 
     if problems:
         count = len(problems)
@@ -234,6 +269,8 @@ def json_file_problem(path: str) -> str | None:
         return "is empty"
     try:
         samples = json.loads(text)
+    except RecursionError:
+        return "is nested too deeply to read as samples (a sample is one object of strings, lists and objects)"
     except json.JSONDecodeError as error:
         samples = _json_lines(text)
         if samples is None:
@@ -260,8 +297,24 @@ def _json_lines(text: str) -> list[Any] | None:
     """The samples of a JSON-lines text, or ``None`` if a line is not JSON."""
     try:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None
+
+
+def check_data_arguments(data_args: "DataArguments") -> None:
+    """Data options stage tpo cannot train with, refused before anything loads; then the datasets' kind."""
+    if data_args.streaming:
+        raise ValueError(
+            "`streaming: true` is not supported by stage tpo: its checks read every pair before training, and "
+            "LLaMA-Factory's pairwise data does not stream (stage dpo fails on it with StopIteration). Set "
+            "`streaming: false`; `preprocessing_num_workers` and `max_samples` keep large datasets manageable."
+        )
+    if data_args.packing:  # LLaMA-Factory refuses neat_packing outside SFT itself
+        raise ValueError(
+            "`packing: true` is not supported by stage tpo: a preference pair is a chosen and a rejected sequence "
+            "that must stay apart, and LLaMA-Factory's pairwise data ignores packing silently. Remove `packing`."
+        )
+    check_ranking_datasets(data_args)
 
 
 def check_ranking_datasets(data_args: "DataArguments") -> None:
@@ -303,12 +356,8 @@ def check_pairs(
     )
     for split, names in (("training", data_args.dataset), ("evaluation", data_args.eval_dataset)):
         datasets = aligned_datasets(names, model_args, data_args, training_args)
-        if any(getattr(dataset, "column_names", None) is None for dataset in datasets.values()):
-            logger.warning_rank0(f"The {split} data is streamed, so stage tpo cannot check it before training.")
-            continue
-
         num_pairs, without_image, identical = check_preference_data(
-            datasets, IMAGE_PLACEHOLDER, data_args.media_dir, token_budget
+            datasets, IMAGE_PLACEHOLDER, data_args.media_dir, token_budget, data_args.preprocessing_num_workers
         )
         check_identical_answers(identical, num_pairs, split)
         if split == "training" and num_pairs and without_image == num_pairs:

@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 from ..compat import untested_llamafactory
 from .collator import TPODataCollatorWithPadding
 from .corruption import ImageCorrupter
-from .data_checks import check_image_template, check_pairs, check_ranking_datasets
+from .data_checks import check_data_arguments, check_image_template, check_pairs
 from .families import check_template_family
 from .forking import single_threaded_torch_in_forked_children
 from .reference_scores import (
@@ -87,7 +87,7 @@ def run_tpo(
     if warning := untested_llamafactory():
         logger.warning_rank0(warning)
     single_threaded_torch_in_forked_children()  # the data checks run torch before get_dataset forks its workers
-    check_ranking_datasets(data_args)
+    check_data_arguments(data_args)
     resumed_step = check_resume(training_args, finetuning_args)  # a finished run or another objective: refused
     settings = objective_settings(finetuning_args, training_args)
     tokenizer_module = load_tokenizer(model_args)

@@ -94,10 +94,10 @@ def check_tpo_args(args: dict[str, Any]) -> str:
     images shows only once the data is loaded: the training process checks that before it loads the model,
     and its message reaches the output box.
     """
-    from ..training.data_checks import check_ranking_datasets
+    from ..training.data_checks import check_data_arguments
 
     try:
-        check_ranking_datasets(_parse_tpo_args(args))
+        check_data_arguments(_parse_tpo_args(args))
         _check_template(args.get("template"))
     except ValueError as err:
         return str(err)
