@@ -309,6 +309,66 @@ def test_refuses_to_overwrite_without_flag(tmp_path, capsys):
     assert json.loads((out / "rlhf_v.json").read_text())[0]["chosen"]["value"] == "Answer 7."
 
 
+def folder_contents(folder: Path) -> dict[str, Any]:
+    """Every file's bytes and every folder (None) under ``folder``, hidden ones included, by relative path."""
+    return {str(path.relative_to(folder)): path.read_bytes() if path.is_file() else None for path in folder.rglob("*")}
+
+
+def test_failed_overwrite_leaves_the_earlier_conversion_as_it_was(tmp_path, capsys):
+    source = write_jsonl(tmp_path / "old.jsonl", [rlhf_v_row(index, PNG_BASE64) for index in range(3)])
+    out = tmp_path / "out"
+    assert run_convert("rlhf-v", source, "--output-dir", out) == 0
+    before = folder_contents(out)
+    # Rows 0 and 1 are good, with other images of the same names: written before row 2 fails, they must replace none.
+    green = base64.b64encode(encoded_image((30, 200, 30))).decode()
+    rows = [rlhf_v_row(index, green) for index in range(3)]
+    rows[2]["text"] = "not json"
+    bad = write_jsonl(tmp_path / "new.jsonl", rows)
+    capsys.readouterr()
+
+    assert run_convert("rlhf-v", bad, "--output-dir", out, "--overwrite") == 1
+
+    assert capsys.readouterr().err == (
+        f'tpo-plugin convert: error: {bad} row 2: field "text" is not valid JSON '
+        "(Expecting value: line 1 column 1 (char 0))\n"
+    )
+    assert folder_contents(out) == before  # byte for byte, and no temporary folder left
+    for pair_row in json.loads((out / "rlhf_v.json").read_text()):
+        assert (out / pair_row["images"][0]).read_bytes() == PNG
+
+    # A successful overwrite with fewer rows replaces the earlier images and leaves none of them behind.
+    one = write_jsonl(tmp_path / "one.jsonl", [rlhf_v_row(0, base64.b64encode(JPEG).decode())])
+    assert run_convert("rlhf-v", one, "--output-dir", out, "--overwrite") == 0
+    assert sorted(path.name for path in (out / "images").iterdir()) == ["rlhf_v_00000000.jpg"]
+    assert json.loads((out / "rlhf_v.json").read_text())[0]["images"] == ["images/rlhf_v_00000000.jpg"]
+
+
+def test_refuses_to_overwrite_its_own_input(tmp_path, capsys):
+    out = tmp_path / "out"
+    source = write_jsonl(tmp_path / "rows.jsonl", [rlhf_v_row(0, PNG_BASE64)])
+    assert run_convert("rlhf-v", source, "--output-dir", out) == 0
+    before = folder_contents(out)
+    capsys.readouterr()
+
+    assert run_convert("rlhf-v", out / "rlhf_v.json", "--output-dir", out, "--overwrite") == 1
+
+    assert capsys.readouterr().err == (
+        f"tpo-plugin convert: error: {out / 'rlhf_v.json'} is both an input and the pairs JSON written; "
+        "choose another --output-dir\n"
+    )
+    assert folder_contents(out) == before
+
+
+def test_refuses_an_output_dir_that_is_a_file(tmp_path, capsys):
+    source = write_jsonl(tmp_path / "rows.jsonl", [rlhf_v_row(0, PNG_BASE64)])
+
+    assert run_convert("rlhf-v", source, "--output-dir", source / "out") == 1
+
+    assert capsys.readouterr().err == (
+        f"tpo-plugin convert: error: --output-dir {source / 'out'}: {source} is a file, not a folder\n"
+    )
+
+
 def test_refuses_to_replace_another_dataset_of_the_same_name(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

@@ -7,8 +7,9 @@ the rows (parquet in record batches, or JSON lines, or a JSON list), writes each
 byte, under ``OUTPUT_DIR/images/``, and writes the pairs and the ``dataset_info.json`` entry next to them.
 
 Every row is checked before anything of it is written, and a bad row is reported with its file, its
-0-based index in that file and the field at fault. The pairs JSON is renamed into place only once it is
-complete, so a file with the final name is always a finished conversion.
+0-based index in that file and the field at fault. Images and pairs JSON are written into a hidden folder
+next to them and moved into place only once complete, so a failed conversion leaves an earlier one exactly
+as it was, and a file with the final name is always a finished conversion.
 
 Only the standard library is imported here; pyarrow, PIL and tqdm are imported when a conversion runs,
 so that ``tpo-plugin --help`` stays instant.
@@ -22,11 +23,15 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TextIO, Union
+
+from . import file_in_the_way
 
 
 IMAGE_TOKEN = "<image>"  # LLaMA-Factory's default image placeholder
@@ -315,8 +320,16 @@ def _read_dataset_info(path: Path) -> dict[str, Any]:
     return info
 
 
-def _check_outputs(json_path: Path, info_path: Path, name: str, entry: dict[str, Any], overwrite: bool) -> None:
+def _check_outputs(
+    json_path: Path, info_path: Path, name: str, entry: dict[str, Any], overwrite: bool, inputs: list[Path]
+) -> None:
     """Refuse, before reading any row, to replace earlier work that ``--overwrite`` did not allow to replace."""
+    blocking = file_in_the_way(json_path.parent)
+    if blocking is not None:
+        raise ConversionError(f"--output-dir {json_path.parent}: {blocking} is a file, not a folder")
+    for path in inputs:  # --overwrite would replace the input with its pairs, and its other columns would be lost
+        if path.resolve() == json_path.resolve():
+            raise ConversionError(f"{path} is both an input and the pairs JSON written; choose another --output-dir")
     if json_path.exists() and not overwrite:
         raise ConversionError(f"{json_path} already exists; pass --overwrite to replace it")
     existing = _read_dataset_info(info_path).get(name)
@@ -335,7 +348,6 @@ class Summary:
     written: int = 0
     skipped: list[str] = field(default_factory=list)  # messages of the bad rows skipped
     identical: list[str] = field(default_factory=list)  # "file row N" of pairs whose two answers are the same
-    images: list[Path] = field(default_factory=list)  # the image files written, removed if the conversion fails
 
 
 def _located_rows(inputs: list[Path], columns: tuple[str, ...]) -> Iterator[tuple[Path, int, RowOrError]]:
@@ -348,12 +360,12 @@ def _write_pairs(
     file: TextIO,
     rows: Iterable[tuple[Path, int, RowOrError]],
     fmt: Format,
-    output_dir: Path,
+    folder: Path,
     summary: Summary,
     limit: Optional[int],
     skip_bad_rows: bool,
 ) -> None:
-    """Write each good row's image, then its pair as one line of the JSON list in ``file``."""
+    """Write each good row's image under ``folder``, then its pair as one line of the JSON list in ``file``."""
     file.write("[")
     for source, index, row in rows:
         try:
@@ -365,8 +377,7 @@ def _write_pairs(
             summary.skipped.append(str(bad_row))
             continue
         image_name = f"{IMAGE_DIR}/{fmt.stem}_{summary.written:08d}.{image.extension}"
-        summary.images.append(output_dir / image_name)
-        summary.images[-1].write_bytes(image.data)
+        (folder / image_name).write_bytes(image.data)
         pair["images"] = [image_name]
         file.write(("," if summary.written else "") + "\n" + json.dumps(pair, ensure_ascii=False))
         if pair["chosen"]["value"].strip() == pair["rejected"]["value"].strip():
@@ -380,13 +391,23 @@ def _write_pairs(
     file.write("\n]\n")
 
 
-def _remove_written(images: list[Path], created_folders: list[Path]) -> None:
-    """Remove the images of a failed conversion, then the folders it created, innermost first, if empty."""
-    for image in images:
-        image.unlink(missing_ok=True)
-    for folder in created_folders:
-        with contextlib.suppress(OSError):  # not empty: it holds files that are not ours
-            folder.rmdir()
+def _move_into_place(staging: Path, output_dir: Path, json_path: Path, stem: str) -> None:
+    """Replace the earlier conversion (if any) with the complete one in ``staging``.
+
+    The old pairs JSON goes first and the new one comes last, so that no pairs JSON ever points at images of
+    another conversion; only renames happen in between.
+    """
+    json_path.unlink(missing_ok=True)
+    image_dir = output_dir / IMAGE_DIR
+    image_dir.mkdir(exist_ok=True)
+    new_images = sorted((staging / IMAGE_DIR).iterdir())
+    stale = {path.name for path in image_dir.glob(f"{stem}_*")} - {path.name for path in new_images}
+    for name in stale:  # images of the earlier conversion that no new one replaces (it had more rows)
+        if re.fullmatch(rf"{stem}_\d{{8}}\.\w+", name):  # only the names this command gives
+            (image_dir / name).unlink()
+    for image in new_images:
+        os.replace(image, image_dir / image.name)
+    os.replace(staging / json_path.name, json_path)
 
 
 def convert(
@@ -402,8 +423,7 @@ def convert(
     """Convert ``inputs`` (files of ``dataset``, a key of :data:`FORMATS`) into ``output_dir``.
 
     Raises :class:`ConversionError` (a :class:`BadRowError` for a bad row unless ``skip_bad_rows``), in
-    which case no pairs JSON is written, the images written are removed and ``dataset_info.json`` is left
-    as it was.
+    which case ``output_dir`` is left as it was (an earlier conversion there included).
     """
     from tqdm import tqdm
 
@@ -414,21 +434,24 @@ def convert(
     )
     info_path = output_dir / "dataset_info.json"
     total = _check_inputs(inputs)
-    _check_outputs(summary.json_path, info_path, summary.name, summary.entry, overwrite)
+    _check_outputs(summary.json_path, info_path, summary.name, summary.entry, overwrite, inputs)
 
-    image_dir = output_dir / IMAGE_DIR
-    created = [] if image_dir.exists() else [image_dir]  # OUTPUT_DIR itself stays: the user named it
-    image_dir.mkdir(parents=True, exist_ok=True)
     if limit is not None:  # the bar's end; without parquet's row counts a guess
         total = limit if total is None else min(total, limit)
     # On stderr, and only once a conversion has taken a second: small conversions print no bar.
     rows = tqdm(_located_rows(inputs, fmt.columns), total=total, unit=" rows", delay=1.0)
+    output_dir.mkdir(parents=True, exist_ok=True)  # it stays even if the conversion fails: the user named it
+    # Inside OUTPUT_DIR, so that moving the files into place is a rename on the same file system.
+    staging = Path(tempfile.mkdtemp(prefix=f".{fmt.stem}.", suffix=".tmp", dir=output_dir))
     try:
-        with rows, _atomic_text_file(summary.json_path) as file:
-            _write_pairs(file, rows, fmt, output_dir, summary, limit, skip_bad_rows)
-    except BaseException:  # also on Ctrl-C: a failed conversion leaves no images (nor folders) behind
-        _remove_written(summary.images, created)
-        raise
+        (staging / IMAGE_DIR).mkdir()
+        with rows, (staging / summary.json_path.name).open("w", encoding="utf-8") as file:
+            _write_pairs(file, rows, fmt, staging, summary, limit, skip_bad_rows)
+            file.flush()
+            os.fsync(file.fileno())
+        _move_into_place(staging, output_dir, summary.json_path, fmt.stem)
+    finally:  # also on Ctrl-C: nothing half-written stays behind
+        shutil.rmtree(staging, ignore_errors=True)
 
     info = _read_dataset_info(info_path)  # read again: merge into the file as it is now
     info[summary.name] = summary.entry
