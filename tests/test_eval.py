@@ -591,6 +591,66 @@ def test_model_is_not_loaded_for_bad_input_and_arguments_are_checked(pope_files,
     assert "give --answers FILE, or --image-dir and the model arguments" in capsys.readouterr().err
 
 
+def test_undecodable_images_are_reported_with_the_other_problems_before_loading(pope_files, tmp_path, capsys):
+    image_dir = pope_files["image_dir"]
+    (image_dir / "COCO_val2014_000000000000.jpg").write_bytes(b"not an image at all")
+    truncated = image_dir / "COCO_val2014_000000000003.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:-200])  # a cut-off download: the header still reads
+    (image_dir / "COCO_val2014_000000000005.jpg").unlink()
+    model = ["--model_name_or_path", str(tmp_path / "no_such_model"), "--template", "qwen2_vl"]
+
+    assert tpo_plugin(pope_args(pope_files, tmp_path / "out", "--image-dir", str(image_dir), *model)) == 2
+
+    header, *lines = capsys.readouterr().err.splitlines()
+    assert header == "tpo-plugin eval pope: the input cannot be evaluated:"
+    assert len(lines) == 3
+    assert lines[0].startswith(
+        f'pope_questions.jsonl line 1 (question_id 1): image "COCO_val2014_000000000000.jpg" in {image_dir} '
+        "cannot be decoded (cannot identify image file"
+    )
+    assert lines[1].startswith(
+        f'pope_questions.jsonl line 4 (question_id 4): image "COCO_val2014_000000000003.jpg" in {image_dir} '
+        "cannot be decoded (image file is truncated"
+    )
+    assert lines[2] == (
+        f'pope_questions.jsonl line 6 (question_id 6): image "COCO_val2014_000000000005.jpg" not found in {image_dir}'
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_that_is_a_file_is_refused(pope_files, tmp_path, capsys):
+    taken = tmp_path / "results.txt"
+    taken.write_text("mine")
+
+    assert tpo_plugin(pope_args(pope_files, taken, "--answers", str(pope_files["answers"]))) == 2
+
+    assert capsys.readouterr().err == (
+        f"tpo-plugin eval pope: the input cannot be evaluated: --output-dir {taken}: {taken} is a file, not a folder\n"
+    )
+    assert taken.read_text() == "mine"
+
+
+@pytest.mark.parametrize("content", ["", '{"prompts_sha256": "ab'])
+def test_empty_or_cut_off_generation_record_is_named(content, pope_files, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "answers.jsonl").write_text('{"question_id": 1, "text": "No"}\n')
+    (output_dir / "generation.json").write_text(content)
+    model = ["--model_name_or_path", str(tmp_path / "no_such_model"), "--template", "qwen2_vl"]
+
+    assert tpo_plugin(pope_args(pope_files, output_dir, "--image-dir", str(pope_files["image_dir"]), *model)) == 2
+
+    error = capsys.readouterr().err
+    assert error.startswith(
+        f"tpo-plugin eval pope: the input cannot be evaluated: {output_dir / 'generation.json'}: not valid JSON ("
+    )
+    assert error.endswith(
+        f"), so what {output_dir / 'answers.jsonl'} answers is unknown; pass --overwrite to discard them, "
+        "or choose another --output-dir\n"
+    )
+    assert error.count("\n") == 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Generation: resume, refusal to mix, LLaMA-Factory's own model loading.
 
@@ -720,6 +780,24 @@ def test_compare_puts_runs_side_by_side_in_a_table_and_a_plot(pope_files, tmp_pa
     assert "--labels needs 2 distinct names" in capsys.readouterr().err
     assert tpo_plugin(["eval", "compare", str(tmp_path), "--output", str(output)]) == 2
     assert "no metrics.json" in capsys.readouterr().err
+
+    # An empty, a cut-off and a foreign metrics.json: each named, all at once, nothing written.
+    broken = {"empty": "", "cut": '{"all": {"n": 42, "accuracy": 0.5', "other": '{"all": {"n": "42"}}'}
+    for name, content in broken.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(content)
+    output.unlink()
+    assert tpo_plugin(["eval", "compare", *[str(tmp_path / name) for name in broken], "--output", str(output)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "tpo-plugin eval compare: the input cannot be evaluated:",
+        f"{tmp_path / 'empty' / 'metrics.json'}: not valid JSON (Expecting value: line 1 column 1 (char 0)); "
+        "rerun the evaluation that wrote it",
+        f"{tmp_path / 'cut' / 'metrics.json'}: not valid JSON (Expecting ',' delimiter: line 1 column 34 (char 33)); "
+        "rerun the evaluation that wrote it",
+        f"{tmp_path / 'other' / 'metrics.json'}: not a metrics.json as `tpo-plugin eval pope|amber` writes it; "
+        "rerun the evaluation that wrote it",
+    ]
+    assert not output.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -189,6 +189,18 @@ def test_tpo_log_tokens_off_writes_nothing(model_dirs, dataset_dir, tmp_path):
     assert train_logs(output_dir) and not (output_dir / "tpo_tokens.jsonl").exists()
 
 
+def test_output_dir_that_is_a_file_is_refused_before_loading(tmp_path, capsys):
+    recipe = write_yaml(tmp_path / "tpo.yaml", {"stage": "tpo", "model_name_or_path": str(tmp_path / "no_model")})
+    (tmp_path / "tpo_tokens.jsonl").write_text("")
+    taken = tmp_path / "report"
+    taken.write_text("mine")
+    for args in ([str(recipe)], ["--history", str(tmp_path)]):
+        assert tpo_plugin_main(["inspect", *args, "--output-dir", str(taken)]) == 2
+        error = capsys.readouterr().err
+        assert error == f"tpo-plugin inspect: --output-dir {taken}: {taken} is a file, not a folder.\n"
+    assert taken.read_text() == "mine"
+
+
 def test_bad_input_is_refused_before_loading(dataset_dir, model_dirs, tmp_path, capsys):
     config = train_config(model_dirs["llava"], "llava", dataset_dir, tmp_path / "run")
     recipe = write_yaml(tmp_path / "tpo.yaml", config)

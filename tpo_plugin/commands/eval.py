@@ -33,6 +33,7 @@ from ..evaluation.report import (
     read_metrics,
     write_metrics,
 )
+from . import file_in_the_way
 
 
 RESPONSES_FILE = "responses.json"
@@ -129,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
             return run_compare(args)
         return run_benchmark(args)
     except EvalInputError as error:
-        print(f"tpo-plugin eval {args.benchmark}: the input cannot be evaluated:\n{error}", file=sys.stderr)
+        layout = " " if len(error.problems) == 1 else "\n"  # one problem: one line
+        print(f"tpo-plugin eval {args.benchmark}: the input cannot be evaluated:{layout}{error}", file=sys.stderr)
         return 2
 
 
@@ -143,6 +145,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
         title = f"AMBER discriminative: {args.queries.name} (positive class: No)"
 
     problems = image_problems(questions, args.image_dir) if args.image_dir else []
+    blocking = file_in_the_way(args.output_dir)
+    if blocking is not None:
+        problems.append(f"--output-dir {args.output_dir}: {blocking} is a file, not a folder")
     if args.answers and args.llamafactory_args:
         problems.append(f"model arguments given with --answers, which needs none: {' '.join(args.llamafactory_args)}")
     if not args.answers and not (args.image_dir and args.llamafactory_args):
@@ -186,7 +191,14 @@ def run_compare(args: argparse.Namespace) -> int:
     if len(labels) != len(args.runs) or len(set(labels)) != len(labels):
         raise EvalInputError([f"--labels needs {len(args.runs)} distinct names, got {args.labels!r}"])
 
-    runs = {label: read_metrics(run_dir) for label, run_dir in zip(labels, args.runs, strict=True)}
+    runs, problems = {}, []
+    for label, run_dir in zip(labels, args.runs, strict=True):
+        try:
+            runs[label] = read_metrics(run_dir)
+        except EvalInputError as error:  # every run's problem at once
+            problems += error.problems
+    if problems:
+        raise EvalInputError(problems)
     table = compare_table(runs)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(table, encoding="utf-8")

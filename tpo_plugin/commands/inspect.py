@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import file_in_the_way
+
 
 TOKENS_FILE = "tokens.jsonl"
 REPORT_FILE = "report.html"
@@ -61,6 +63,9 @@ def recipe_config(recipe: Path, overrides: list[str], output_dir: Path, split: s
 
 
 def check_output_dir(output_dir: Path, names: tuple[str, ...], overwrite: bool) -> None:
+    blocking = file_in_the_way(output_dir)
+    if blocking is not None:  # refused here, not by mkdir once the model has run
+        raise InspectError(f"--output-dir {output_dir}: {blocking} is a file, not a folder.")
     existing = [name for name in names if (output_dir / name).exists()]
     if existing and not overwrite:
         raise InspectError(f"{output_dir} already holds {', '.join(existing)}; pass --overwrite to replace it.")

@@ -29,6 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .inputs import EvalInputError, Question, match_answers, read_records
+from .report import write_atomically
 
 
 DEFAULT_PROMPT_SUFFIX = " Answer the question using a single word or phrase."
@@ -69,7 +70,14 @@ def answers_to_resume(
     if not record_path.exists():
         problem = f"{answers_path} exists but {GENERATION_FILE} (what it answers) does not; {start_over}"
         raise EvalInputError([problem + ", or score the file with --answers"])
-    previous = json.loads(record_path.read_text(encoding="utf-8"))
+    # Empty, cut off or edited: what the answers answer is unknown, so they cannot be resumed.
+    unknown = f"so what {answers_path} answers is unknown; {start_over}"
+    try:
+        previous = json.loads(record_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise EvalInputError([f"{record_path}: not valid JSON ({error}), {unknown}"]) from None
+    if not isinstance(previous, dict):
+        raise EvalInputError([f"{record_path}: not a JSON object, {unknown}"])
     if previous.get("prompts_sha256") != record["prompts_sha256"]:
         changed = "the question file, --prompt-suffix or the image names changed since they were written"
         raise EvalInputError([f"{answers_path} holds answers to other prompts ({changed}); {start_over}"])
@@ -163,7 +171,7 @@ def generate_answers(
     if done:
         print(f"[eval] resuming: {len(done)} of {len(questions)} questions already answered in {output_dir}")
     if pending:
-        (output_dir / GENERATION_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_atomically(output_dir / GENERATION_FILE, json.dumps(record, indent=2) + "\n")
         answer = load_answerer(llamafactory_args, image_dir, suffix)
         in_flight = batch_size if getattr(answer, "batches_requests", True) else 1  # a plain function: batch_size
         write_answers(pending, answer, output_dir / ANSWERS_FILE, id_field, text_field, in_flight, len(questions))

@@ -2,8 +2,8 @@
 
 POPE and AMBER's discriminative task are both yes/no questions about images. Each benchmark's reader turns
 its files into :class:`Question` objects; everything that can be wrong with the input (a malformed JSON
-line, a missing field, a bad label, a duplicate id, a missing image, an answer to no question, a question
-without an answer) is collected into one :class:`EvalInputError` that names the file and the line (JSON
+line, a missing field, a bad label, a duplicate id, a missing or undecodable image, an answer to no question,
+a question without an answer) is collected into one :class:`EvalInputError` that names the file and the line (JSON
 Lines) or list item (JSON) of every problem, so that a user fixes all of them in one go and no model is
 loaded for input that cannot be scored.
 """
@@ -136,15 +136,24 @@ def duplicate_problems(questions: list[Question], id_field: str) -> list[str]:
 
 
 def image_problems(questions: list[Question], image_dir: Path) -> list[str]:
-    """One problem per distinct image that is not a file in ``image_dir``, named with the first question
-    that asks about it (AMBER asks about ten questions per image)."""
+    """One problem per distinct image that is not a file in ``image_dir`` or that PIL cannot decode, named with
+    the first question that asks about it (AMBER asks about ten questions per image)."""
+    from PIL import Image  # deferred: scoring an answer file without --image-dir needs no PIL
+
     problems, checked = [], set()
     for question in questions:
         if question.image in checked:
             continue
         checked.add(question.image)
-        if not (image_dir / question.image).is_file():
+        path = image_dir / question.image
+        if not path.is_file():
             problems.append(f'{question.where}: image "{question.image}" not found in {image_dir}')
+            continue
+        try:
+            with Image.open(path) as image:
+                image.load()  # decodes every byte: a truncated JPEG fails here, not only in the middle of generation
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... for bad data
+            problems.append(f'{question.where}: image "{question.image}" in {image_dir} cannot be decoded ({error})')
     return problems
 
 

@@ -5,6 +5,7 @@ as papers report POPE and AMBER.
 """
 
 import json
+import os
 from pathlib import Path
 
 from .inputs import EvalInputError
@@ -34,19 +35,46 @@ def metrics_table(metrics: dict[str, dict[str, float | int]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write a temporary file and rename it to ``path``: a crash or a full disk never leaves ``path`` cut off."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_metrics(metrics: dict[str, dict[str, float | int]], output_dir: Path, title: str) -> None:
     """``metrics.json`` and ``metrics.md`` (a heading, then :func:`metrics_table`) in ``output_dir``."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    (output_dir / METRICS_TABLE_FILE).write_text(f"# {title}\n\n{metrics_table(metrics)}", encoding="utf-8")
+    write_atomically(output_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+    write_atomically(output_dir / METRICS_TABLE_FILE, f"# {title}\n\n{metrics_table(metrics)}")
+
+
+def is_split(values: object) -> bool:
+    """Whether ``values`` is one split of a metrics.json: numbers only, ``n`` and the plotted metrics among them."""
+    return (
+        isinstance(values, dict)
+        and all(key in values for key in ("n", *PLOTTED_METRICS))
+        and all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values.values())
+    )
 
 
 def read_metrics(output_dir: Path) -> dict[str, dict[str, float | int]]:
-    """The metrics.json of an evaluation's output directory."""
+    """The metrics.json of an evaluation's output directory, refused unless it holds what the table and the plot
+    read: an "all" split, and every split as :func:`is_split` says."""
     path = output_dir / METRICS_FILE
     if not path.is_file():
         raise EvalInputError([f"{output_dir}: no {METRICS_FILE} (not the output of `tpo-plugin eval pope|amber`)"])
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:  # e.g. empty, or cut off by a crash
+        raise EvalInputError([f"{path}: not valid JSON ({error}); rerun the evaluation that wrote it"]) from None
+    if not (isinstance(metrics, dict) and "all" in metrics and all(map(is_split, metrics.values()))):
+        problem = f"not a {METRICS_FILE} as `tpo-plugin eval pope|amber` writes it; rerun the evaluation that wrote it"
+        raise EvalInputError([f"{path}: {problem}"])
+    return metrics
 
 
 def distinct_labels(paths: list[Path]) -> list[str]:
