@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tpo_plugin.commands.cli import main
+
 from conftest import train_config, train_logs, user_env, write_yaml
 
 
@@ -66,3 +68,15 @@ def test_sweep_runs_each_value_and_tabulates(model_dirs, dataset_dir, tmp_path):
 def test_sweep_rejects_malformed_key_values(tmp_path):
     result = tpo_plugin_command("sweep", str(tmp_path / "x.yaml"), "tpo_noise_step", cwd=tmp_path)
     assert result.returncode == 2 and "Expected KEY=V1,V2,..." in result.stderr
+
+
+def test_sweep_and_demo_refuse_bad_arguments_before_starting(tmp_path, capsys):
+    missing = tmp_path / "missing.yaml"
+    sweep = ["sweep", str(missing), "tpo_noise_step=0,500", "--output-root", str(tmp_path / "root")]
+    assert main(sweep) == 2
+    assert capsys.readouterr() == ("", f"tpo-plugin sweep: Recipe {missing} does not exist.\n")
+
+    for epochs in ("0", "-1", "nan"):
+        assert main(["demo", "--output-dir", str(tmp_path / "demo"), "--epochs", epochs]) == 2
+        assert capsys.readouterr() == ("", f"tpo-plugin demo: --epochs must be a positive number, got {epochs}.\n")
+    assert list(tmp_path.iterdir()) == []  # nothing started: no model built, no folder made

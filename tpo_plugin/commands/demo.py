@@ -8,6 +8,7 @@ adapter, the plots and the metrics are. The recipe is kept next to them, to read
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -72,6 +73,11 @@ def demo_recipe(model_dir: Path, family: str, run_dir: Path, epochs: float) -> d
 
 
 def run(args: argparse.Namespace) -> int:
+    # 0 or fewer epochs train nothing, nan and inf fail inside training: refused before the model is built.
+    if not (0 < args.epochs < math.inf):
+        print(f"tpo-plugin demo: --epochs must be a positive number, got {args.epochs:g}.", file=sys.stderr)
+        return 2
+
     from ..testing.tiny_models import OFFLINE_ENV, build_tiny_model
 
     output_dir = Path(args.output_dir).resolve()

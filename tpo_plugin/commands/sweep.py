@@ -47,17 +47,30 @@ def parse_sweep(text: str) -> tuple[str, list[str]]:
     return key.strip(), value_list
 
 
-def run(args: argparse.Namespace) -> int:
+def read_recipe(path: Path) -> dict[str, Any]:
+    """The recipe as a mapping; refused (``ValueError``) before any run starts if it cannot be one."""
     import yaml
 
+    if not path.is_file():
+        raise ValueError(f"Recipe {path} does not exist.")
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"Recipe {path} is not valid YAML ({' '.join(str(error).split())}).") from None
+    if not isinstance(recipe, dict):
+        raise ValueError(f"Recipe {path} must be a YAML mapping of training keys.")
+    return recipe
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         key, values = parse_sweep(args.sweep)
         evals = parse_eval_specs(args.eval)
+        recipe = read_recipe(args.recipe)
     except ValueError as error:
-        print(error, file=sys.stderr)
+        print(f"tpo-plugin sweep: {error}", file=sys.stderr)
         return 2
 
-    recipe = yaml.safe_load(args.recipe.read_text())
     output_root = (args.output_root or Path(f"{recipe.get('output_dir', 'saves/sweep')}_sweep_{key}")).resolve()
     run_dirs = {value: output_root / f"{key}-{value.replace(os.sep, '_')}" for value in values}
     finished = [str(path) for path in run_dirs.values() if (path / "trainer_state.json").exists()]
