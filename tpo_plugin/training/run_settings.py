@@ -5,20 +5,24 @@ of ``output_dir`` when ``overwrite_output_dir`` is false) continues the run that
 things would silently make it something else, and both are refused before the model loads:
 
 - settings that define the objective differ from those the checkpoint was trained with;
-- the checkpoint's run has already finished: transformers would train one step past its end and rewrite
-  its ``trainer_state.json`` and ``all_results.json``.
+- the checkpoint is at or past the step this run ends at (its run finished, or ``max_steps`` or
+  ``num_train_epochs`` was lowered below it): nothing is left to train, yet transformers would go on and rewrite
+  the final model, ``trainer_state.json`` and ``all_results.json`` with the checkpoint's. With ``max_steps`` this
+  is refused before anything loads; with ``num_train_epochs`` the run's length is known once the data is
+  (:func:`refuse_resume_past_the_end`, before the model loads).
 
 Also: transformers' ``train_loss`` of a resumed run sums only the resumed steps but divides by all steps;
 :func:`whole_run_train_loss` reports the mean over the whole run instead.
 """
 
 import json
+import math
 import os
 from typing import TYPE_CHECKING, Any, Optional
 
 from llamafactory.extras import logging
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
 from ..hparams.tpo_args import tpo_defaults
 
@@ -54,15 +58,27 @@ def objective_settings(
 
 
 def write_settings(folder: str, settings: dict[str, Any]) -> None:
-    with open(os.path.join(folder, SETTINGS_FILE), "w", encoding="utf-8") as file:
+    # Written whole or not at all: a crash mid-write must not leave a half file that stops every later resume.
+    path = os.path.join(folder, SETTINGS_FILE)
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
         json.dump(settings, file, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
 
 
-def _read_json(path: str) -> Optional[dict[str, Any]]:
+def _read_json(path: str, advice: str) -> Optional[dict[str, Any]]:
+    """The JSON object in ``path``, None if there is no such file; a damaged file is refused with ``advice``."""
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as file:
-        return json.load(file)
+        text = file.read()
+    try:
+        content = json.loads(text)
+    except json.JSONDecodeError as error:
+        content = error
+    if not isinstance(content, dict):
+        problem = "is empty" if not text.strip() else f"is not a JSON object ({content})"
+        raise ValueError(f"{path} {problem}: it was cut off or damaged (a crash while it was written?). {advice}")
+    return content
 
 
 class RecordSettingsCallback(TrainerCallback):
@@ -88,16 +104,13 @@ def resumed_checkpoint(training_args: "Seq2SeqTrainingArguments") -> Optional[st
 def check_resume(
     training_args: "Seq2SeqTrainingArguments", finetuning_args: "TPOFinetuningArguments"
 ) -> Optional[int]:
-    """Refuse a resume that would extend a finished run or change its objective; return the resumed step."""
-    checkpoint = resumed_checkpoint(training_args) if training_args.do_train else None
-    if checkpoint is None:
+    """Refuse a resume past the end of a ``max_steps`` run or with another objective; return the resumed step."""
+    checkpoint, state = _resumed_state(training_args)
+    if state is None:
         return None
 
-    state = _read_json(os.path.join(checkpoint, TRAINER_STATE_FILE))
-    if state is None:  # transformers then starts at step 0 (or fails to load it): nothing to compare
-        return None
-
-    refuse_finished_run(checkpoint, state, training_args)
+    if training_args.max_steps > 0:
+        refuse_finished_run(checkpoint, state, training_args.max_steps, f"`max_steps: {training_args.max_steps}`")
     refuse_changed_settings(
         checkpoint,
         objective_settings(finetuning_args, training_args),
@@ -106,30 +119,74 @@ def check_resume(
     return state["global_step"]
 
 
-def refuse_finished_run(checkpoint: str, state: dict[str, Any], training_args: "Seq2SeqTrainingArguments") -> None:
-    """A run whose checkpoint has reached the step this run ends at has nothing left to train."""
-    step = state["global_step"]
-    if training_args.max_steps > 0:
-        end = f"`max_steps: {training_args.max_steps}`"
-        finished = step >= training_args.max_steps
-    else:  # the number of steps per epoch is known only once the data is loaded; the checkpoint knows its own
-        end = f"`num_train_epochs: {training_args.num_train_epochs}`"
-        finished = step >= state["max_steps"] and training_args.num_train_epochs <= state["num_train_epochs"]
-    if not finished:
+def _resumed_state(training_args: "Seq2SeqTrainingArguments") -> tuple[Optional[str], Optional[dict[str, Any]]]:
+    """The checkpoint a training run resumes from and its trainer state (None, None for a new run)."""
+    checkpoint = resumed_checkpoint(training_args) if training_args.do_train else None
+    if checkpoint is None:
+        return None, None
+    advice = f"Resume from an earlier checkpoint (`resume_from_checkpoint: PATH`), or delete {checkpoint}."
+    # Without a state transformers starts at step 0 (or fails to load it): nothing to compare.
+    return checkpoint, _read_json(os.path.join(checkpoint, TRAINER_STATE_FILE), advice)
+
+
+def steps_per_epoch(num_pairs: int, batch_size: int, world_size: int, accumulation: int, drop_last: bool) -> int:
+    """Optimizer steps per epoch as transformers' Trainer counts them (``set_initial_training_values``).
+
+    Each process gets its share of the batches as accelerate shards them (``even_batches``: the last share is
+    filled up), and a step takes ``accumulation`` of its batches, the last step of an epoch fewer.
+    """
+
+    def share(items: int, parts: int) -> int:
+        return items // parts if drop_last else -(-items // parts)
+
+    batches_per_process = share(share(num_pairs, batch_size), world_size)
+    return max(-(-batches_per_process // accumulation), 1)
+
+
+def refuse_resume_past_the_end(training_args: "Seq2SeqTrainingArguments", train_dataset: Any) -> None:
+    """With ``num_train_epochs`` the run's length depends on the data: refuse, once it is loaded, a resume from a
+    checkpoint at or past the run's last step (``max_steps`` runs were checked by :func:`check_resume`)."""
+    checkpoint, state = _resumed_state(training_args)
+    if state is None or training_args.max_steps > 0 or not has_length(train_dataset):
         return
 
+    num_pairs, world_size = len(train_dataset), training_args.world_size
+    batch_size, accumulation = training_args.train_batch_size, training_args.gradient_accumulation_steps
+    per_epoch = steps_per_epoch(num_pairs, batch_size, world_size, accumulation, training_args.dataloader_drop_last)
+    end = math.ceil(training_args.num_train_epochs * per_epoch)
+    length = (
+        f"`num_train_epochs: {training_args.num_train_epochs}` of {per_epoch} steps each, for {num_pairs} pairs in "
+        f"batches of {batch_size} on each of {world_size} device(s) with `gradient_accumulation_steps: {accumulation}`"
+    )
+    refuse_finished_run(checkpoint, state, end, length)
+
+
+def refuse_finished_run(checkpoint: str, state: dict[str, Any], end: int, length: str) -> None:
+    """A checkpoint at or past the step this run ends at (``end``, set by ``length``) leaves nothing to train."""
+    step = state["global_step"]
+    if step < end:
+        return
+
+    if step >= state.get("max_steps", step + 1):
+        run = os.path.dirname(os.path.abspath(checkpoint))
+        head = f"The run in {run} finished at step {step}, and this run would resume from its checkpoint"
+    else:
+        head = "This run would resume from the checkpoint"
     raise ValueError(
-        f"The run in {os.path.dirname(os.path.abspath(checkpoint))} finished at step {step}, and this run would "
-        f"resume from its checkpoint {checkpoint} although it ends there ({end}): nothing is left to train, yet "
-        f"transformers would train one step past the end and rewrite that run's trainer_state.json and "
-        f"all_results.json. To train a new run, set a new `output_dir`, or `overwrite_output_dir: true` without "
+        f"{head} {checkpoint} (step {step}) although it ends at step {end} ({length}): nothing is left to train, "
+        "yet transformers would go on and rewrite the final model, trainer_state.json and all_results.json in "
+        "`output_dir`. To train a new run, set a new `output_dir`, or `overwrite_output_dir: true` without "
         f"`resume_from_checkpoint`; to continue this run, raise `max_steps` (or `num_train_epochs`) past step {step}."
     )
 
 
 def refuse_changed_settings(checkpoint: str, current: dict[str, Any], allow_changes: bool) -> None:
     """A changed objective setting is refused, naming key, old and new value, unless the user allows it."""
-    recorded = _read_json(os.path.join(checkpoint, SETTINGS_FILE))
+    advice = (
+        "Delete it to resume without checking that this run's TPO settings match the checkpoint's, or resume from "
+        "an earlier checkpoint (`resume_from_checkpoint: PATH`)."
+    )
+    recorded = _read_json(os.path.join(checkpoint, SETTINGS_FILE), advice)
     if recorded is None:
         logger.warning_rank0(
             f"{checkpoint} has no {SETTINGS_FILE} (it was written by another stage or an older tpo-plugin), so "

@@ -37,6 +37,7 @@ from .run_settings import (
     RecordSettingsCallback,
     check_resume,
     objective_settings,
+    refuse_resume_past_the_end,
     report_whole_run_train_loss,
     write_settings,
 )
@@ -97,6 +98,7 @@ def run_tpo(
     check_template_family(data_args.template)
     check_pairs(template, tokenizer_module, model_args, data_args, training_args)
     dataset_module = get_dataset(template, model_args, data_args, training_args, stage="rm", **tokenizer_module)
+    refuse_resume_past_the_end(training_args, dataset_module.get("train_dataset"))  # needs the number of pairs
     reference_store = None
     if finetuning_args.tpo_precompute_ref and training_args.do_train:
         dataset_module = add_pair_keys(dataset_module)
