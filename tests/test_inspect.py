@@ -8,6 +8,7 @@ the evaluation step key, or a white image), then takes raw target-token logits (
 import html
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -177,6 +178,82 @@ def test_tokens_logged_again_after_a_resume_are_kept_and_shown_once(model_dirs, 
     assert tpo_plugin_main(["inspect", "--history", str(output_dir)]) == 0
     history = (output_dir / "history.html").read_text()
     assert [history.count(f"<tr><td>{step}</td>") for step in (1, 2, 3, 4)] == [2, 2, 2, 2]
+
+
+def test_a_new_run_into_the_same_output_dir_sets_the_earlier_token_log_aside(model_dirs, dataset_dir, tmp_path):
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    earlier_log = "".join(json.dumps(token_record(step=1, tokens=["old"])) + "\n" for _ in range(2))
+    (output_dir / "tpo_tokens.jsonl").write_text(earlier_log)  # an earlier run on other data, logged at step 1
+    config = train_config(
+        model_dirs["qwen2_vl"], "qwen2_vl", dataset_dir, output_dir, dataset="one_pair", per_device_train_batch_size=1,
+        tpo_log_tokens=1, max_steps=4, logging_steps=2,
+    )  # fmt: skip
+    result = run_cli(["train", str(write_yaml(tmp_path / "new.yaml", config))], cwd=tmp_path)
+
+    (set_aside,) = output_dir.glob("tpo_tokens.*.jsonl")
+    assert set_aside.read_text() == earlier_log
+    moved = f"the token log of the earlier run there, {output_dir / 'tpo_tokens.jsonl'}, was moved to {set_aside}"
+    assert moved in result.stdout + result.stderr
+    records = [json.loads(line) for line in (output_dir / "tpo_tokens.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [2, 2, 4, 4]
+    assert tpo_plugin_main(["inspect", "--history", str(output_dir)]) == 0
+    history = (output_dir / "history.html").read_text()
+    assert [history.count(f"<tr><td>{step}</td>") for step in (1, 2, 4)] == [0, 2, 2]
+    assert f"The run that wrote {output_dir / 'tpo_tokens.jsonl'}: 2 logged steps (2..4)." in history
+    assert f"Earlier runs in {output_dir}, not shown here: {set_aside.name}." in history
+
+
+def token_record(step: int, tokens: list[str], side: str = "chosen") -> dict:
+    return {"step": step, "pair": 0, "side": side, "tokens": tokens, "visual_score": [0.5] * len(tokens),
+            "weight": [1.2] * len(tokens)}  # fmt: skip
+
+
+def test_set_aside_keeps_every_earlier_log_and_a_resume_keeps_its_own(tmp_path):
+    from transformers import TrainingArguments
+
+    from tpo_plugin.training.token_view import set_aside_earlier_token_log
+
+    log = tmp_path / "tpo_tokens.jsonl"
+    new_run = TrainingArguments(output_dir=str(tmp_path), do_train=True, report_to="none", use_cpu=True)
+    resumed = TrainingArguments(
+        output_dir=str(tmp_path), do_train=True, report_to="none", use_cpu=True,
+        resume_from_checkpoint=str(tmp_path / "checkpoint-2"),
+    )  # fmt: skip
+    log.write_text("the resumed run's\n")
+    assert set_aside_earlier_token_log(resumed) is None and log.read_text() == "the resumed run's\n"
+    contents = ["first run\n", "second run\n"]
+    for content in contents:  # the same modification time: the second must not replace the first
+        log.write_text(content)
+        os.utime(log, (1_700_000_000, 1_700_000_000))
+        assert set_aside_earlier_token_log(new_run) is not None and not log.exists()
+    assert sorted(path.read_text() for path in tmp_path.glob("tpo_tokens.*.jsonl")) == contents
+    assert set_aside_earlier_token_log(new_run) is None  # nothing to set aside
+
+
+def test_history_of_a_cut_off_log_shows_what_is_readable_and_escapes_every_field(tmp_path, capsys):
+    records = [
+        token_record(1, ["<b>A</b>", "ball"]),
+        token_record(1, ["<script>alert(1)</script>"], side="<img src=x onerror=alert(2)>"),
+        token_record(2, ["'quoted\" & more"]),
+    ]
+    log = tmp_path / "tpo_tokens.jsonl"
+    log.write_text("".join(json.dumps(record) + "\n" for record in records) + json.dumps(records[0])[:40])
+
+    assert tpo_plugin_main(["inspect", "--history", str(tmp_path)]) == 0
+    error = capsys.readouterr().err
+    assert f"Line 4 of {log} holds no token record (cut off by a crash?): left out." in error
+    assert "Traceback" not in error
+    history = (tmp_path / "history.html").read_text()
+    assert "Line 4 of" in history and history.count("<tr><td>") == 3
+    for raw in ("<b>A", "<script>", "<img src=x", "'quoted"):
+        assert raw not in history
+    for escaped in ("&lt;b&gt;A&lt;/b&gt;", "&lt;script&gt;alert(1)", "&lt;img src=x onerror=alert(2)", "&amp; more"):
+        assert escaped in history
+
+    log.write_text(json.dumps(records[0])[:40])  # nothing readable: refused, naming the line
+    assert tpo_plugin_main(["inspect", "--history", str(tmp_path), "--overwrite"]) == 2
+    assert f"Line 1 of {log} holds no token record" in capsys.readouterr().err
 
 
 def test_tpo_log_tokens_off_writes_nothing(model_dirs, dataset_dir, tmp_path):

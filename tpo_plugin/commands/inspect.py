@@ -1,13 +1,14 @@
 """``tpo-plugin inspect``: what TPO weights, per token, on your model and data.
 
     tpo-plugin inspect my_tpo.yaml [key=value ...] --output-dir OUT [--num-pairs 16] [--split train|eval]
-    tpo-plugin inspect --history OUTPUT_DIR [--output-dir OUT]
+    tpo-plugin inspect --history OUTPUT_DIR|TOKEN_LOG [--output-dir OUT]
 
 The recipe is parsed, checked and loaded as ``stage: tpo`` loads it (LLaMA-Factory's parser, TPO's data
 checks, ``get_dataset``, ``load_model`` as for training, ``create_ref_model``), and the first N pairs go
 through the trainer's own passes with the noise of an evaluation step (:mod:`tpo_plugin.training.token_view`).
 Writes ``OUT/tokens.jsonl`` and ``OUT/report.html`` and prints the first pairs; ``--history`` renders the
-``tpo_tokens.jsonl`` that ``tpo_log_tokens`` wrote during training into ``OUT/history.html``.
+``tpo_tokens.jsonl`` that ``tpo_log_tokens`` wrote during training into ``OUT/history.html`` (or another token
+log: a new run into the same ``output_dir`` sets the earlier run's aside as ``tpo_tokens.<time>.jsonl``).
 """
 
 import argparse
@@ -31,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", type=Path, help="where tokens.jsonl and report.html go (history: same dir)")
     parser.add_argument("--num-pairs", type=int, default=16, help="inspect the first N pairs (default 16)")
     parser.add_argument("--split", choices=("train", "eval"), default="train", help="which data (default train)")
-    parser.add_argument("--history", type=Path, metavar="OUTPUT_DIR", help="render OUTPUT_DIR/tpo_tokens.jsonl")
+    parser.add_argument(
+        "--history", type=Path, metavar="OUTPUT_DIR", help="render OUTPUT_DIR/tpo_tokens.jsonl (or a token log file)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a previous report in the output dir")
 
 
@@ -158,18 +161,30 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_history(args: argparse.Namespace) -> int:
-    from ..training.token_report import history_html, records_of_the_current_run
+    from ..training.token_report import history_html, read_token_log, records_of_the_current_run
     from ..training.token_view import TOKENS_LOG_FILE
 
-    source = args.history / TOKENS_LOG_FILE
+    source = args.history if args.history.is_file() else args.history / TOKENS_LOG_FILE
     if not source.is_file():
         raise InspectError(f"{source} does not exist; train with `tpo_log_tokens: N` (N >= 1) to write it.")
-    output_dir = args.output_dir or args.history
+    output_dir = args.output_dir or source.parent
     check_output_dir(output_dir, (HISTORY_FILE,), args.overwrite)
-    records = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
-    records = records_of_the_current_run(records)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / HISTORY_FILE).write_text(history_html(records, f"TPO weights over training: {args.history}"))
+    logged, unreadable = read_token_log(source.read_text(encoding="utf-8", errors="replace"))
+    skipped = [f"Line {n} of {source} holds no token record (cut off by a crash?): left out." for n in unreadable]
+    if not logged:
+        raise InspectError(" ".join(skipped) or f"{source} is empty: no logging step has written to it yet.")
+    records = records_of_the_current_run(logged)
     steps = sorted({record["step"] for record in records})
-    print(f"Wrote {output_dir / HISTORY_FILE}: {len(steps)} logged steps ({steps[0]}..{steps[-1]}).")
+    about = [f"The run that wrote {source}: {len(steps)} logged steps ({steps[0]}..{steps[-1]})."]
+    if len(records) < len(logged):
+        about.append(f"Left out: {len(logged) - len(records)} records of steps that a resume trained again.")
+    earlier = sorted(path.name for path in source.parent.glob("tpo_tokens.*.jsonl"))  # set aside by later runs
+    if earlier and source.name == TOKENS_LOG_FILE:
+        about.append(f"Earlier runs in {source.parent}, not shown here: {', '.join(earlier)}.")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    page = history_html(records, f"TPO weights over training: {source}", about + skipped)
+    (output_dir / HISTORY_FILE).write_text(page, encoding="utf-8")
+    for note in skipped:
+        print(f"tpo-plugin inspect: {note}", file=sys.stderr)
+    print(f"Wrote {output_dir / HISTORY_FILE}. {' '.join(about)}")
     return 0

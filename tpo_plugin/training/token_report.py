@@ -8,6 +8,7 @@ Everything is inline (CSS, SVG, images as base64 PNG), so a page opens without n
 import base64
 import html
 import io
+import json
 from collections import defaultdict
 from typing import Any, Iterable
 
@@ -169,13 +170,48 @@ def _page(title: str, body: str) -> str:
     )
 
 
+def read_token_log(text: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """The records of a ``tpo_tokens.jsonl`` text, and the numbers of its lines that hold none (e.g. the last
+    line, cut off by a crash while it was written)."""
+    records, unreadable = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if _is_token_record(record):
+            records.append(record)
+        else:
+            unreadable.append(number)
+    return records, unreadable
+
+
+def _is_token_record(record: Any) -> bool:
+    """Whether ``record`` has the fields and types ``history_html`` reads (tokens, s and c of equal length)."""
+    if not isinstance(record, dict):
+        return False
+    numbers, lists = ("step", "pair"), ("tokens", "visual_score", "weight")
+    if not all(type(record.get(key)) is int for key in numbers) or not isinstance(record.get("side"), str):
+        return False
+    if not all(isinstance(record.get(key), list) for key in lists):
+        return False
+    tokens, scores, weights = (record[key] for key in lists)
+    return (
+        len(tokens) == len(scores) == len(weights)
+        and all(isinstance(token, str) for token in tokens)
+        and all(type(value) in (int, float) for value in scores + weights)
+    )
+
+
 def records_of_the_current_run(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``tpo_tokens.jsonl``'s records (in file order) as the run stands now, without those a resume replaced.
 
     The file is only appended to; a run resumed from a checkpoint logs again from the steps after it, so a record
     that repeats a logged (step, pair, side) or comes before the last logged step starts the resumed part: the
     records from its step on, before it, belong to the part that was abandoned (as in the trainer's log history,
-    which the checkpoint restores).
+    which the checkpoint restores). A new run into the same ``output_dir`` starts a new file.
     """
     kept: list[dict[str, Any]] = []
     logged = set()
@@ -189,16 +225,19 @@ def records_of_the_current_run(records: list[dict[str, Any]]) -> list[dict[str, 
     return kept
 
 
-def history_html(records: list[dict[str, Any]], title: str) -> str:
+def history_html(records: list[dict[str, Any]], title: str, notes: list[str]) -> str:
     """``tpo_tokens.jsonl`` as a page: per pair and side, one row of coloured token weights per logged step,
-    and the mean weight per step, so a drift (e.g. every chosen token becoming image-dependent) shows."""
+    and the mean weight per step, so a drift (e.g. every chosen token becoming image-dependent) shows.
+
+    ``records`` come from a file: :func:`read_token_log` checked that their numbers are numbers, and every string
+    from them is escaped here."""
     series = defaultdict(list)
     for record in records:
         series[(record["pair"], record["side"])].append(record)
-    parts = [f"<h1>{html.escape(title)}</h1>", "<p class='note'>Rows: logging steps; colour: weight c "
-             "(blue &lt; 1 &lt; red); hover for s and c.</p>"]  # fmt: skip
+    parts = [f"<h1>{html.escape(title)}</h1>", *(f"<p class='note'>{html.escape(note)}</p>" for note in notes)]
+    parts.append("<p class='note'>Rows: logging steps; colour: weight c (blue &lt; 1 &lt; red); hover: s and c.</p>")
     for (pair, side), steps in sorted(series.items()):
-        parts.append(f"<h2>pair {pair}, {side}</h2>")
+        parts.append(f"<h2>pair {pair}, {html.escape(side)}</h2>")
         parts.append("<table><tr><th>step</th><th>mean s</th><th>mean c</th><th>tokens</th></tr>")
         for record in sorted(steps, key=lambda r: r["step"]):
             spans = "".join(

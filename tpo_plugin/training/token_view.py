@@ -8,17 +8,24 @@ keyed as an evaluation step, same batching) and :func:`token_visual_scores_and_l
 
 import json
 import os
-from typing import TYPE_CHECKING, Any
+import time
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+from llamafactory.extras import logging
 
 from ..method.objective import IGNORE_INDEX, TokenScores, token_visual_scores_and_log_weights
 from .corruption import EVAL_STEP_KEY
+from .run_settings import resumed_checkpoint
 
 
 if TYPE_CHECKING:
+    from transformers import Seq2SeqTrainingArguments
+
     from .trainer import CustomTPOTrainer
 
+
+logger = logging.get_logger("llamafactory.train.tpo")
 
 TOKENS_LOG_FILE = "tpo_tokens.jsonl"  # what tpo_log_tokens appends to, in output_dir
 SIDES = ("chosen", "rejected")
@@ -121,3 +128,30 @@ def log_token_view(trainer: "CustomTPOTrainer") -> None:
             for side in SIDES:
                 record = {"step": step, "pair": pair, "side": side, **{key: view[side][key] for key in LOGGED}}
                 file.write(json.dumps(record) + "\n")
+
+
+def set_aside_earlier_token_log(training_args: "Seq2SeqTrainingArguments") -> Optional[str]:
+    """Rename the ``tpo_tokens.jsonl`` of an earlier run in ``output_dir`` unless this run resumes one of its
+    checkpoints: the log is appended to, and a new run's steps would otherwise sit among the earlier run's.
+
+    The earlier log keeps its data, under a name stamped with its last write; returns that name.
+    """
+    output_dir = training_args.output_dir
+    path = os.path.join(output_dir, TOKENS_LOG_FILE)
+    checkpoint = resumed_checkpoint(training_args)
+    continues = checkpoint is not None and os.path.dirname(os.path.abspath(checkpoint)) == os.path.abspath(output_dir)
+    if continues or not training_args.should_save or not os.path.isfile(path):
+        return None
+
+    stem, extension = os.path.splitext(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
+    target, number = f"{stem}.{stamp}{extension}", 1
+    while os.path.exists(target):  # never replace an earlier set-aside log
+        number += 1
+        target = f"{stem}.{stamp}-{number}{extension}"
+    os.rename(path, target)
+    logger.info_rank0(
+        f"This run starts anew (it resumes no checkpoint of {output_dir}), so the token log of the earlier run "
+        f"there, {path}, was moved to {target}; `tpo-plugin inspect --history {target}` shows it."
+    )
+    return target

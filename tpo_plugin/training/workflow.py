@@ -42,6 +42,7 @@ from .run_settings import (
     write_settings,
 )
 from .stopping import StopOnSignalCallback, any_rank
+from .token_view import set_aside_earlier_token_log
 
 
 if TYPE_CHECKING:
@@ -140,6 +141,7 @@ def run_tpo(
         trainer.add_callback(RecordSettingsCallback(settings))
         if reference_store is not None:
             trainer.add_callback(ReferenceScoresCallback(trainer, *reference_store))
+        set_aside_earlier_token_log(training_args)  # a new run's token history must not continue another's
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         if stop_on_signal.stopped:  # a checkpoint, not a finished model: nothing may look like one
             checkpoint = os.path.join(training_args.output_dir, f"checkpoint-{trainer.state.global_step}")
