@@ -3,12 +3,21 @@ the live reference passes (with one fixed corrupted copy per image, `tpo_noise_p
 never runs during training, a separate reference model is freed, a resume reuses the stored scores and a
 change of what they depend on recomputes them."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import tpo_plugin.training.trainer
 from tpo_plugin.method.objective import TokenScores
-from tpo_plugin.training.reference_scores import SCORES_FILE, ReferenceScores, pair_values
+from tpo_plugin.training.reference_scores import (
+    NOT_IDENTITY,
+    SCORES_FILE,
+    ReferenceScores,
+    identity_digest,
+    pair_values,
+    reference_identity,
+)
 
 from conftest import log_history, run_cli, train_config, train_logs, write_yaml
 
@@ -101,6 +110,53 @@ def test_precomputed_reference_scores_give_the_live_losses_over_two_epochs(
     for live, stored in zip(runs[False], runs[True], strict=True):
         for key in COMPARED:
             assert stored[key] == pytest.approx(live[key], rel=1e-5, abs=1e-6), key
+
+
+def parsed_identity(model_dir, **overrides) -> dict:
+    from llamafactory.hparams import get_train_args
+
+    config = {
+        "model_name_or_path": str(model_dir), "stage": "tpo", "do_train": True, "finetuning_type": "lora",
+        "dataset": "tiny_pairs", "template": "qwen2_vl", "output_dir": "unused", "report_to": "none",
+        "tpo_noise_per": "sample", "tpo_precompute_ref": True, **overrides,
+    }  # fmt: skip
+    model_args, data_args, training_args, finetuning_args, _ = get_train_args(config)
+    return reference_identity(model_args, data_args, training_args, finetuning_args, {}, "data")
+
+
+def test_every_model_argument_is_part_of_the_identity(model_dirs):
+    from llamafactory.hparams import ModelArguments
+
+    identity = parsed_identity(model_dirs["qwen2_vl"])
+    expected = {field.name for field in dataclasses.fields(ModelArguments)} - NOT_IDENTITY
+    assert expected <= set(identity["model_arguments"])
+    assert not NOT_IDENTITY & set(identity["model_arguments"])  # no hub token is ever written into the store
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"quantization_bit": 4, "quantization_type": "fp4"},  # against nf4: reused stale scores in issue #34
+        {"add_special_tokens": "<extra_0>", "resize_vocab": True},
+        {"image_max_pixels": 50176},
+        {"model_revision": "other"},
+        {"upcast_layernorm": True},
+    ],
+)
+def test_a_changed_model_argument_changes_the_digest(changes, model_dirs):
+    quantized = {"quantization_bit": 4} if "quantization_bit" in changes else {}
+    base = identity_digest(parsed_identity(model_dirs["qwen2_vl"], **quantized))
+    assert identity_digest(parsed_identity(model_dirs["qwen2_vl"], **changes)) != base
+    assert identity_digest(parsed_identity(model_dirs["qwen2_vl"], **quantized)) == base  # and nothing else does
+
+
+def test_an_unreadable_store_is_computed_anew(tmp_path):
+    scores = ReferenceScores("digest", {"train/0": (torch.zeros(2, 3), torch.zeros(2, 4))})
+    scores.save(str(tmp_path), {"any": "identity"})
+    assert ReferenceScores.load(str(tmp_path), "digest").values.keys() == {"train/0"}
+    whole = (tmp_path / SCORES_FILE).read_bytes()
+    (tmp_path / SCORES_FILE).write_bytes(whole[: len(whole) // 2])  # a disk that filled up, a copy cut short
+    assert ReferenceScores.load(str(tmp_path), "digest") is None
 
 
 @pytest.mark.e2e

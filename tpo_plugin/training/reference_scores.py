@@ -10,6 +10,7 @@ The scores are stored in ``OUTPUT_DIR/tpo_reference_scores.pt`` with a digest of
 objective's settings and seed, plugin version): a resume reuses them, any change recomputes them.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,8 +18,12 @@ from importlib.metadata import version
 from typing import Any, Optional
 
 import torch
+from llamafactory.extras import logging
 
 from ..method.objective import TokenScores
+
+
+logger = logging.get_logger("llamafactory.train.tpo")
 
 
 PAIR_KEY = "tpo_pair_key"  # dataset column (and batch key) naming each pair: "<split>/<row>"
@@ -91,33 +96,62 @@ def data_digest(datasets: list[Any]) -> str:
     return digest.hexdigest()
 
 
+# Model arguments that cannot change what the reference model computes, or must not be stored: hub credentials,
+# where downloads are cached, and the device each rank loads onto (the ranks must agree on the digest). Every
+# other field of LLaMA-Factory's ModelArguments (loading, quantization,
+# dtype, tokenizer changes, image sizes, adapters ...) is part of the identity, including fields a later
+# LLaMA-Factory adds: a field the plugin does not know about recomputes the scores rather than reusing stale ones.
+NOT_IDENTITY = {"hf_hub_token", "ms_hub_token", "om_hub_token", "cache_dir", "device_map"}
+
+
+def _fields(arguments: Any) -> dict[str, Any]:
+    """Every dataclass field of an argument object, and the values its ``__post_init__`` derived from them."""
+    values = {field.name: getattr(arguments, field.name) for field in dataclasses.fields(arguments)}
+    values.update({name: value for name, value in vars(arguments).items() if not name.startswith("_")})
+    return {name: value for name, value in values.items() if name not in NOT_IDENTITY}
+
+
 def reference_identity(
     model_args: Any, data_args: Any, training_args: Any, finetuning_args: Any, objective: dict[str, Any], data: str
 ) -> dict[str, Any]:
-    """Everything the stored scores depend on, as plain JSON; its digest names a valid store."""
+    """Everything the stored scores depend on, as plain JSON; its digest names a valid store.
+
+    The data digest covers the pairs as tokenised (so the template, cutoff and tokenizer's output); the model
+    arguments are taken whole, so a change to any of them recomputes the scores.
+    """
     adapters = model_args.adapter_name_or_path or []
     ref_adapters = finetuning_args.ref_model_adapters
     return {
         "plugin": version("tpo-plugin"),
-        "model": [model_args.model_name_or_path, getattr(model_args, "model_revision", None)],
+        "model_arguments": _fields(model_args),
         "model_files": _model_files(model_args.model_name_or_path),
-        "adapters": [[path, _model_files(path)] for path in adapters],
+        "adapter_files": [[path, _model_files(path)] for path in adapters],
         "finetuning_type": finetuning_args.finetuning_type,
         "ref_model": [finetuning_args.ref_model, _model_files(finetuning_args.ref_model)],
         "ref_model_adapters": [ref_adapters, _model_files(ref_adapters)],
         "ref_model_quantization_bit": finetuning_args.ref_model_quantization_bit,
-        "quantization_bit": model_args.quantization_bit,
         "template": data_args.template,
         "cutoff_len": data_args.cutoff_len,
-        "image_pixels": [getattr(model_args, "image_max_pixels", None), getattr(model_args, "image_min_pixels", None)],
-        "precision": [training_args.bf16, training_args.fp16, str(getattr(model_args, "compute_dtype", None))],
+        "precision": [training_args.bf16, training_args.fp16],
         "objective": objective,
         "data": data,
     }
 
 
 def identity_digest(identity: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(_as_json(identity), sort_keys=True).encode()).hexdigest()
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` with what plain JSON cannot hold (dtypes, enums, objects) written as its ``repr``, so that the
+    stored identity loads with ``torch.load(weights_only=True)``."""
+    if isinstance(value, dict):
+        return {str(key): _as_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_json(item) for item in value]
+    if value is None or type(value) in (bool, int, float, str):  # not their subclasses: a str enum pickles as itself
+        return value
+    return repr(value)
 
 
 class ReferenceScores:
@@ -136,19 +170,23 @@ class ReferenceScores:
         os.makedirs(output_dir, exist_ok=True)
         path = os.path.join(output_dir, SCORES_FILE)
         partial = f"{path}.partial"
-        torch.save({"digest": self.digest, "identity": identity, "values": self.values}, partial)
+        torch.save({"digest": self.digest, "identity": _as_json(identity), "values": self.values}, partial)
         os.replace(partial, path)
 
     @classmethod
     def load(cls, output_dir: str, digest: str) -> Optional["ReferenceScores"]:
-        """The stored scores if they were computed for ``digest``; ``None`` if absent or stale."""
+        """The stored scores if they were computed for ``digest``; ``None`` if absent, stale or unreadable."""
         path = os.path.join(output_dir, SCORES_FILE)
         if not os.path.isfile(path):
             return None
-        stored = torch.load(path, weights_only=True)
-        if stored.get("digest") != digest:
+        try:
+            stored = torch.load(path, weights_only=True)
+            if stored.get("digest") != digest:
+                return None
+            return cls(digest, stored["values"])
+        except Exception as error:  # truncated, corrupt or another format: torch and pickle raise many kinds
+            logger.warning_rank0(f"The stored reference scores {path} cannot be read ({error}); computing them anew.")
             return None
-        return cls(digest, stored["values"])
 
     def token_scores(self, pair_keys: list[str], mask: torch.Tensor) -> tuple[TokenScores, Optional[TokenScores]]:
         """The reference's clean and corrupted :class:`TokenScores` of a batch whose response tokens are ``mask``.
