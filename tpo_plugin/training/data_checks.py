@@ -40,37 +40,39 @@ MAX_IDENTICAL_SHARE = 0.5
 MEMORY_ADDRESS = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")  # PIL names the BytesIO it could not read
 
 
-def image_problem(image: Any, media_dir: str = "") -> str | None:
-    """Why an image entry cannot be used, or ``None`` if it opens, decodes and has a usable mode."""
+def decoded_image(image: Any, media_dir: str = "") -> tuple[Optional[Image.Image], Optional[str]]:
+    """An image entry decoded, with ``None`` as the problem; or ``None`` and why it cannot be used (it must open,
+    decode in full and have a usable mode)."""
     try:
         if isinstance(image, str):
             if os.path.isdir(image) or os.path.isdir(os.path.join(media_dir, image)):
-                return f"image `{image}` is a directory, not an image file"
+                return None, f"image `{image}` is a directory, not an image file"
             if not os.path.isfile(image):
                 where = (
                     ""
                     if os.path.isabs(image)
                     else " (relative paths are looked up in `media_dir`, default `dataset_dir`)"
                 )
-                return f"image `{image}` does not exist{where}"
+                return None, f"image `{image}` does not exist{where}"
             source = image
         elif isinstance(image, dict) and image.get("bytes") is not None:
             source = BytesIO(image["bytes"])
         elif isinstance(image, dict) and image.get("path"):
-            return image_problem(image["path"], media_dir)
+            return decoded_image(image["path"], media_dir)
         elif isinstance(image, Image.Image):
-            return _named_mode_problem(image, "<image object>")
+            return image, _named_mode_problem(image, "<image object>")
         else:
-            return f"image entry of type {type(image).__name__} is neither a path nor image bytes"
+            return None, f"image entry of type {type(image).__name__} is neither a path nor image bytes"
 
         with Image.open(source) as opened:
             opened.verify()
         with Image.open(source) as opened:  # verify() leaves the image unusable; decoding needs a fresh one
             opened.load()  # verify() reads no pixels: a truncated file passes it and fails only in training
-            return _named_mode_problem(opened, image if isinstance(image, str) else "<bytes>")
+            problem = _named_mode_problem(opened, image if isinstance(image, str) else "<bytes>")
+            return (None if problem else opened), problem
     except Exception as error:  # PIL raises many kinds; each means the same to the user
         reason = MEMORY_ADDRESS.sub("", str(error))
-        return f"image `{image if isinstance(image, str) else '<bytes>'}` cannot be decoded ({reason})"
+        return None, f"image `{image if isinstance(image, str) else '<bytes>'}` cannot be decoded ({reason})"
 
 
 def _named_mode_problem(image: Image.Image, name: str) -> str | None:
@@ -78,8 +80,8 @@ def _named_mode_problem(image: Image.Image, name: str) -> str | None:
     return f"image `{name}` {problem}" if problem else None
 
 
-def pair_problems(row: dict[str, Any], image_placeholder: str = "<image>", media_dir: str = "") -> list[str]:
-    """Problems of one aligned preference sample."""
+def pair_problems(row: dict[str, Any], image_placeholder: str = "<image>") -> list[str]:
+    """Problems of one aligned preference sample's fields (its images are checked as they are decoded)."""
     problems = [
         f"has {len(media)} {kind}(s) (`{media[0]}`): stage tpo corrupts images only, so the {kind} would train "
         f"uncorrupted; remove the {kind} pairs or train them with `stage: dpo`"
@@ -106,7 +108,6 @@ def pair_problems(row: dict[str, Any], image_placeholder: str = "<image>", media
     )
     if placeholders != len(images):
         problems.append(f"has {placeholders} {image_placeholder} placeholder(s) but {len(images)} image(s)")
-    problems.extend(problem for problem in (image_problem(image, media_dir) for image in images) if problem)
     return problems
 
 
@@ -129,8 +130,8 @@ class ImageTokenBudget:
         self.template, self.tokenizer, self.processor, self.cutoff_len = template, tokenizer, processor, cutoff_len
         self.image_token_id = tokenizer.convert_tokens_to_ids(template.mm_plugin.image_token)
 
-    def problem(self, row: dict[str, Any]) -> str | None:
-        images = row.get("_images") or []
+    def problem(self, row: dict[str, Any], images: list[Image.Image]) -> str | None:
+        """Why the sample's ``images`` (decoded) would be cut by the truncation, or ``None``."""
         if not images:
             return None
         prompt_ids, answer_len = self._encode(row, images)
@@ -151,13 +152,16 @@ class ImageTokenBudget:
             "`image_max_pixels` (fewer image tokens per image)"
         )
 
-    def _encode(self, row: dict[str, Any], images: list[Any]) -> tuple[list[int], int]:
+    def _encode(self, row: dict[str, Any], images: list[Image.Image]) -> tuple[list[int], int]:
         """The prompt's token ids with images expanded, and the longer answer's length, as LLaMA-Factory encodes."""
         mm_plugin, answer_lens = self.template.mm_plugin, []
+        # Only the prompt holds placeholders (pair_problems refuses them in answers), so its expansion, the costly
+        # part that runs the image processor, is the same for both answers: done once.
+        first = row["_prompt"] + row["_response"][:1]
+        prompt = mm_plugin.process_messages(first, images, [], [], self.processor)[:-1]
         for response in row["_response"][:2]:
-            messages = mm_plugin.process_messages(row["_prompt"] + [response], images, [], [], self.processor)
             prompt_ids, answer_ids = self.template.encode_oneturn(
-                self.tokenizer, messages, row.get("_system"), row.get("_tools")
+                self.tokenizer, prompt + [response], row.get("_system"), row.get("_tools")
             )
             answer_lens.append(len(answer_ids) + bool(self.template.efficient_eos))
         prompt_ids, _ = mm_plugin.process_token_ids(prompt_ids, None, images, [], [], self.tokenizer, self.processor)
@@ -169,9 +173,11 @@ def pair_findings(
 ) -> dict[str, Any]:
     """What the checks find in one aligned sample: its problems, whether its answers are identical, whether it
     has an image."""
-    problems = pair_problems(row, image_placeholder, media_dir)
+    problems = pair_problems(row, image_placeholder)
+    decoded = [decoded_image(image, media_dir) for image in row.get("_images") or []]
+    problems += [problem for _, problem in decoded if problem]
     if not problems and token_budget is not None:  # encoding needs readable, matching images
-        problems = [problem for problem in [token_budget.problem(row)] if problem]
+        problems = [problem for problem in [token_budget.problem(row, [image for image, _ in decoded])] if problem]
     return {"problems": problems, "identical": identical_answers(row), "has_image": bool(row.get("_images"))}
 
 
