@@ -2,6 +2,7 @@
 like a finished run, and resuming from the checkpoint continues the same run."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, train_config, train_logs, user_env, write_yaml
+from conftest import PAIR_COLUMNS, preference_rows, run_cli, train_config, train_logs, user_env, write_yaml
 
 
 pytestmark = pytest.mark.e2e
@@ -57,3 +58,45 @@ def test_signal_saves_a_checkpoint_and_resume_continues(stop_signal, model_dirs,
     run_cli(["train", str(write_yaml(tmp_path / "resume.yaml", config))], cwd=tmp_path)
     assert [entry["step"] for entry in train_logs(output_dir)][-2:] == [stopped_at + 1, stopped_at + 2]
     assert (output_dir / "adapter_model.safetensors").is_file()
+
+
+def test_signal_during_the_reference_precompute_stops_within_a_batch(model_dirs, tmp_path):
+    # 300 pairs scored one at a time: long enough to be signalled in the middle of the pass.
+    root = tmp_path / "data"
+    (root / "img").mkdir(parents=True)
+    rows = preference_rows(root / "img", 4)
+    (root / "pairs.json").write_text(json.dumps(rows * 75))
+    info = {
+        "many_pairs": {"file_name": "pairs.json", "formatting": "sharegpt", "ranking": True, "columns": PAIR_COLUMNS}
+    }
+    (root / "dataset_info.json").write_text(json.dumps(info))
+    output_dir = tmp_path / "out"
+    config = train_config(
+        model_dirs["qwen2_vl"], "qwen2_vl", root, output_dir, dataset="many_pairs", tpo_noise_per="sample",
+        tpo_precompute_ref=True, per_device_eval_batch_size=1,
+    )  # fmt: skip
+    cli = Path(sys.executable).with_name("llamafactory-cli")
+    process = subprocess.Popen(
+        [str(cli), "train", str(write_yaml(tmp_path / "tpo.yaml", config))],
+        cwd=tmp_path,
+        env=user_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output = []
+    for line in process.stdout:  # the pass logs this line, then scores the pairs
+        output.append(line)
+        if "Computing the reference scores of 300 pairs once" in line:
+            time.sleep(1.0)
+            process.send_signal(signal.SIGINT)
+            break
+    output.append(process.communicate(timeout=120)[0])
+    output = "".join(output)
+
+    assert process.returncode == 128 + signal.SIGINT, output[-3000:]
+    stopped = re.search(r"Interrupted while computing the reference scores, after (\d+) of 300 batches", output)
+    assert stopped and int(stopped.group(1)) < 300, output[-3000:]
+    assert "nothing was stored and nothing trained" in output
+    assert not list(output_dir.glob("tpo_reference_scores*")) and not list(output_dir.glob("checkpoint-*"))
+    assert not (output_dir / "trainer_state.json").exists()

@@ -7,7 +7,7 @@ rank was signalled, and they all save a checkpoint and stop together. A second s
 """
 
 import signal
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import TrainerCallback
@@ -24,6 +24,20 @@ def any_rank(accelerator: Any, flag: torch.Tensor | bool) -> bool:
     return accelerator.reduce(flag, "sum").item() > 0
 
 
+class PassInterrupted(Exception):
+    """A stop signal ended a pass over the data before training (the reference scores); nothing of it is kept."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"after {done} of {total} batches")
+        self.done, self.total = done, total
+
+
+def stop_between_batches(accelerator: Any, requested: Callable[[], bool], done: int, total: int) -> None:
+    """Raise :class:`PassInterrupted` on every rank once any rank was asked to stop (every rank must call this)."""
+    if any_rank(accelerator, requested()):
+        raise PassInterrupted(done, total)
+
+
 class StopOnSignalCallback(TrainerCallback):
     """Turns SIGINT/SIGTERM into "save a checkpoint at the end of this step, then stop"."""
 
@@ -32,6 +46,10 @@ class StopOnSignalCallback(TrainerCallback):
         self.received: signal.Signals | None = None  # on the rank that got the signal
         self.stopped = False  # on every rank, once any rank got one
         self._previous_handlers: dict[int, Any] = {}
+
+    def requested(self) -> bool:
+        """Whether this rank got a stop signal: passes that run before the first step check it between batches."""
+        return self.received is not None
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signal.Signals(signum)

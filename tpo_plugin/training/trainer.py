@@ -8,7 +8,7 @@ logging with the cross-rank mean), so TPO trains with the same options as ``stag
 import math
 import os
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple, Optional
 
 import torch
 from datasets import Dataset
@@ -32,7 +32,7 @@ from .image_features import ImageFeatureCache, image_feature_owner, vision_path_
 from .reference_scores import PAIR_KEY, ReferenceScores, pair_values
 from .stability import RunawayMonitor
 from .step_keys import StepKeyedDataset, StepKeyedSampler
-from .stopping import any_rank
+from .stopping import any_rank, stop_between_batches
 
 
 if TYPE_CHECKING:
@@ -317,12 +317,15 @@ class CustomTPOTrainer(CustomDPOTrainer):
             return scores
 
     @torch.no_grad()
-    def compute_reference_scores(self, datasets: list[Any], digest: str) -> ReferenceScores:
+    def compute_reference_scores(
+        self, datasets: list[Any], digest: str, stop_requested: Callable[[], bool] = lambda: False
+    ) -> ReferenceScores:
         """The reference's token scores of every pair of ``datasets``, in one no-grad pass (``tpo_precompute_ref``).
 
         Called when training begins, once DeepSpeed or DDP has wrapped the model. Each rank scores every
         ``num_processes``-th pair, all ranks the same number of batches (the last pairs repeat), so that under
-        ZeRO-3 every rank runs the same forwards; the results are gathered on all ranks.
+        ZeRO-3 every rank runs the same forwards; the results are gathered on all ranks. Between batches all
+        ranks stop together (``PassInterrupted``) once any was asked to: at real scale the pass takes hours.
         """
         from accelerate.utils import gather_object
         from tqdm import tqdm
@@ -338,7 +341,10 @@ class CustomTPOTrainer(CustomDPOTrainer):
         values = {}
         try:
             starts = range(0, len(shard), batch_size)
-            for start in tqdm(starts, desc="Reference scores", disable=not self.is_local_process_zero()):
+            for done, start in enumerate(
+                tqdm(starts, desc="Reference scores", disable=not self.is_local_process_zero())
+            ):
+                stop_between_batches(self.accelerator, stop_requested, done, len(starts))
                 features = [dict(dataset[row]) for dataset, row in shard[start : start + batch_size]]
                 pairs = self._unpack_batch(self._prepare_inputs(self.data_collator(features)), EVAL_STEP_KEY)
                 images_on_any_rank = any_rank(self.accelerator, pairs.corrupted_inputs is not None)

@@ -41,7 +41,7 @@ from .run_settings import (
     report_whole_run_train_loss,
     write_settings,
 )
-from .stopping import StopOnSignalCallback, any_rank
+from .stopping import PassInterrupted, StopOnSignalCallback, any_rank
 from .token_view import set_aside_earlier_token_log
 
 
@@ -140,7 +140,7 @@ def run_tpo(
         trainer.add_callback(stop_on_signal)
         trainer.add_callback(RecordSettingsCallback(settings))
         if reference_store is not None:
-            trainer.add_callback(ReferenceScoresCallback(trainer, *reference_store))
+            trainer.add_callback(ReferenceScoresCallback(trainer, *reference_store, stop_on_signal))
         set_aside_earlier_token_log(training_args)  # a new run's token history must not continue another's
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         if stop_on_signal.stopped:  # a checkpoint, not a finished model: nothing may look like one
@@ -220,13 +220,17 @@ class ReferenceScoresCallback(TrainerCallback):
     """When training begins (the model wrapped for DeepSpeed or DDP), load or compute the reference scores.
 
     Stored scores are reused when their digest matches this run's, else every rank computes its share anew
-    and rank 0 stores them; from then on the trainer never runs the reference model.
+    and rank 0 stores them; from then on the trainer never runs the reference model. A stop signal during
+    the computation ends the run after the current batch, with nothing stored and nothing trained.
     """
 
-    def __init__(self, trainer: Any, datasets: list[Any], identity: dict[str, Any]):
+    def __init__(
+        self, trainer: Any, datasets: list[Any], identity: dict[str, Any], stop_on_signal: StopOnSignalCallback
+    ):
         self.trainer = trainer
         self.datasets = datasets
         self.identity = identity
+        self.stop_on_signal = stop_on_signal
 
     def on_train_begin(self, args, state, control, **kwargs):
         digest = identity_digest(self.identity)
@@ -236,7 +240,14 @@ class ReferenceScoresCallback(TrainerCallback):
             num_pairs = sum(len(dataset) for dataset in self.datasets)
             reason = "they are not stored yet" if not os.path.isfile(path) else "what they depend on changed"
             logger.info_rank0(f"Computing the reference scores of {num_pairs} pairs once ({reason}): {path}.")
-            scores = self.trainer.compute_reference_scores(self.datasets, digest)
+            try:
+                scores = self.trainer.compute_reference_scores(self.datasets, digest, self.stop_on_signal.requested)
+            except PassInterrupted as interrupted:
+                logger.warning_rank0(
+                    f"Interrupted while computing the reference scores, {interrupted}: nothing was stored and "
+                    f"nothing trained. Run the same command again to compute them."
+                )
+                raise SystemExit(128 + int(self.stop_on_signal.received or signal.SIGTERM)) from None
             if args.should_save:
                 scores.save(args.output_dir, self.identity)
         else:
