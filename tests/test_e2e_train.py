@@ -186,6 +186,16 @@ def test_preprocessing_workers_fork_after_the_data_checks(workers, model_dirs, d
     assert any("eval_loss" in entry for entry in log_history(output_dir))
 
 
+def test_a_separate_reference_model_of_the_same_model_trains(model_dirs, dataset_dir, tmp_path):
+    output_dir = tmp_path / "out"
+    config = train_config(
+        model_dirs["qwen2_vl"], "qwen2_vl", dataset_dir, output_dir, ref_model=str(model_dirs["qwen2_vl"])
+    )
+    result = run_cli(["train", str(write_yaml(tmp_path / "tpo.yaml", config))], cwd=tmp_path)
+    assert f"Created reference model from {model_dirs['qwen2_vl']}" in result.stdout + result.stderr
+    assert_tpo_logged(output_dir, steps=2)
+
+
 def test_pairs_without_image_train_as_dpo_pairs(model_dirs, dataset_dir, tmp_path):
     output_dir = tmp_path / "out"
     config = train_config(model_dirs["qwen2_vl"], "qwen2_vl", dataset_dir, output_dir, dataset="mixed_pairs")

@@ -2,6 +2,7 @@
 names the problem, before the model is loaded and before anything that looks like a finished run."""
 
 import json
+import shutil
 from io import BytesIO
 
 import pytest
@@ -89,6 +90,41 @@ def test_hostile_data_is_named_before_the_model_loads(dataset, message, model_di
 def test_streaming_and_packing_are_refused(overrides, message, model_dirs, dataset_dir, tmp_path):
     config = train_config(model_dirs["qwen2_vl"], "qwen2_vl", dataset_dir, tmp_path / "out", **overrides)
     assert message in run_exp_error(config)
+
+
+def other_vocabulary(model_dir, target):
+    """A copy of the model whose tokenizer gives two tokens each other's ids."""
+    shutil.copytree(model_dir, target)
+    tokenizer = json.loads((target / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = list(vocab)[300:302]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (target / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return target
+
+
+@pytest.mark.parametrize(
+    "reference, message",
+    [
+        ("llava", "it is a `llava` model, the policy a `qwen2_vl` model"),
+        ("other_vocabulary", "its vocabulary differs ("),
+    ],
+)
+def test_a_reference_model_that_reads_ids_otherwise_is_refused(reference, message, model_dirs, dataset_dir, tmp_path):
+    ref_model = (
+        model_dirs["llava"] if reference == "llava" else other_vocabulary(model_dirs["qwen2_vl"], tmp_path / "ref")
+    )
+    config = train_config(
+        model_dirs["qwen2_vl"],
+        "qwen2_vl",
+        dataset_dir,
+        tmp_path / "out",
+        finetuning_type="full",
+        ref_model=str(ref_model),
+    )
+    config.pop("lora_target")
+    error = run_exp_error(config)
+    assert f"`ref_model: {ref_model}` cannot be the reference of" in error and message in error
 
 
 def test_cli_reports_invalid_value_of_override(model_dirs, dataset_dir, tmp_path):

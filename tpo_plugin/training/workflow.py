@@ -24,6 +24,7 @@ from .corruption import ImageCorrupter
 from .data_checks import check_data_arguments, check_image_template, check_pairs
 from .families import check_template_family
 from .forking import single_threaded_torch_in_forked_children
+from .reference_model import check_reference_model
 from .reference_scores import (
     SCORES_FILE,
     ReferenceScores,
@@ -94,6 +95,7 @@ def run_tpo(
     settings = objective_settings(finetuning_args, training_args)
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
+    check_reference_model(model_args, finetuning_args, tokenizer)  # before the template adds tokens to the policy's
     template = get_template_and_fix_tokenizer(tokenizer, data_args)
     check_image_template(template, data_args.template)
     check_template_family(data_args.template)
