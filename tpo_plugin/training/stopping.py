@@ -51,6 +51,10 @@ class StopOnSignalCallback(TrainerCallback):
         """Whether this rank got a stop signal: passes that run before the first step check it between batches."""
         return self.received is not None
 
+    def exit_code(self) -> int:
+        """The shell's code for a run ended by the signal (128 + its number; SIGTERM's on a rank not signalled)."""
+        return 128 + int(self.received or signal.SIGTERM)
+
     def _handle(self, signum: int, frame: Any) -> None:
         self.received = signal.Signals(signum)
         for stop_signal, handler in self._previous_handlers.items():  # a second signal acts at once

@@ -6,7 +6,6 @@ passes and the token weights.
 """
 
 import os
-import signal
 from typing import TYPE_CHECKING, Any, Optional
 
 from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
@@ -151,7 +150,7 @@ def run_tpo(
                 f"Training was interrupted at step {trainer.state.global_step}; {checkpoint} holds it. "
                 f"Resume with `resume_from_checkpoint: {checkpoint}`."
             )
-            raise SystemExit(128 + int(stop_on_signal.received or signal.SIGTERM))
+            raise SystemExit(stop_on_signal.exit_code())
 
         trainer.save_model()
         if training_args.should_save:
@@ -249,7 +248,7 @@ class ReferenceScoresCallback(TrainerCallback):
                     f"Interrupted while computing the reference scores, {interrupted}: nothing was stored and "
                     f"nothing trained. Run the same command again to compute them."
                 )
-                raise SystemExit(128 + int(self.stop_on_signal.received or signal.SIGTERM)) from None
+                raise SystemExit(self.stop_on_signal.exit_code()) from None
             if args.should_save:
                 scores.save(args.output_dir, self.identity)
         else:
