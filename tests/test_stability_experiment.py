@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.hallucination_world_v2 import stability
+from benchmarks.hallucination_world_v2.checks import stability
 
 
 def entry(step: int, share: float, drift: float, logp: float = -10.0) -> dict:
@@ -51,7 +51,7 @@ def test_collapse_is_recall_below_half_of_sfts():
 
 
 def test_second_check_reads_the_step_the_shipped_monitor_names(tmp_path):
-    from benchmarks.hallucination_world_v2 import stability_heldout
+    from benchmarks.hallucination_world_v2.checks import heldout as stability_heldout
     from tpo_plugin.training.stability import runaway_message
 
     logs = {"loss": 0.3, "logps/chosen": -9.0, "tpo/score_drift_chosen": 2.0, "tpo/score_drift_rejected": 1.0}
@@ -63,7 +63,7 @@ def test_second_check_reads_the_step_the_shipped_monitor_names(tmp_path):
 
 
 def test_third_check_verdicts_on_hand_written_runs(tmp_path):
-    from benchmarks.hallucination_world_v2 import stability_anchor
+    from benchmarks.hallucination_world_v2.checks import anchor as stability_anchor
 
     def record(kind, variant, recall, prior=0.1, chair=0.1, warned=None):
         r = {"world_kind": kind, "variant": variant, "recall": recall, "prior_hallucination": prior, "chair_i": chair}
@@ -99,7 +99,7 @@ def test_third_check_verdicts_on_hand_written_runs(tmp_path):
 
 
 def test_fourth_check_compares_methods_at_matched_recall(tmp_path):
-    from benchmarks.hallucination_world_v2 import stability_gain
+    from benchmarks.hallucination_world_v2.checks import gain as stability_gain
 
     # Every method's three runs lie at recall 0.7, 0.6, 0.5 with prior hallucination 0.4, 0.3, 0.2 less its
     # offset, and every frontier starts at SFT's (0.8, 0.5). Two methods then differ by d = their offsets'
@@ -174,7 +174,7 @@ def hand_written_runs(check, other_rule: str, replayed: str) -> tuple[list[dict]
 
 
 def test_fifth_check_replays_both_rules_and_compares_them(tmp_path):
-    from benchmarks.hallucination_world_v2 import stability_floor
+    from benchmarks.hallucination_world_v2.checks import floor as stability_floor
 
     nearly_certain = [entry(5, 0.1, 0.5, -0.1), entry(10, 0.1, 0.5, -0.3), entry(15, 0.1, 0.5, -1.5)]
     assert stability_floor.replayed_step(nearly_certain, 0.0) == 10  # -0.3 is below twice -0.1: 0.2 nats
@@ -208,7 +208,7 @@ def per_step(chosen_logps: list[float], drift: float = 0.5) -> list[dict]:
 
 
 def test_sixth_check_replays_block_and_sliding_windows():
-    from benchmarks.hallucination_world_v2 import stability_window
+    from benchmarks.hallucination_world_v2.checks import window as stability_window
 
     # Steps 1-5 at -1.0; the fall starts at step 8. Window means by hand: sliding 4-8 = (4 * -1 + -6) / 5 = -2.0
     # (not below twice -1.0), 5-9 = (3 * -1 + 2 * -6) / 5 = -3.0 (below -2.0, and 2 nats): the sliding rule warns
@@ -228,7 +228,7 @@ def test_sixth_check_sliding_rule_never_warns_after_the_block_rule():
     # mean at least as high, so where the block rule warns the sliding rule has warned by then.
     import random
 
-    from benchmarks.hallucination_world_v2 import stability_window
+    from benchmarks.hallucination_world_v2.checks import window as stability_window
 
     draw = random.Random(0)
     compared = 0
@@ -246,7 +246,7 @@ def test_sixth_check_sliding_rule_never_warns_after_the_block_rule():
 
 
 def test_sixth_check_verdicts_on_hand_written_runs(tmp_path):
-    from benchmarks.hallucination_world_v2 import stability_window
+    from benchmarks.hallucination_world_v2.checks import window as stability_window
 
     records, by_key = hand_written_runs(stability_window, "sliding", "replayed_block")
     # pixel-10 tpo at 1e-4 collapses (0.3 < 0.4): the block rule warns late (0.35), the sliding rule 3 steps

@@ -1,11 +1,16 @@
-"""The v2 protocol as data: every setting of the full run, of ``--quick`` and of the pilots, fixed before results.
+"""The v2 protocol as data: the settings every run of the controlled worlds is built from.
 
-PROTOCOL_v2.md explains each value; ``run.py`` writes the protocol it ran into ``protocol.json`` and RESULTS_v2.md.
+The class's defaults are v2's full protocol (PROTOCOL_v2.md explains each value). What each experiment ran is
+frozen in its own file, ``checks/<check>.json`` (``load``): ``v2`` (the full run), ``quick`` and ``pilot`` here,
+the stability checks with their own jobs (``checks/__init__.py``). ``run.py`` writes the protocol it ran into
+``protocol.json`` and the report.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 from benchmarks.hallucination_world.protocol import TPO_DEFAULTS as V1_TPO_DEFAULTS
 from benchmarks.hallucination_world.world import WorldConfig
@@ -53,37 +58,47 @@ class Protocol:
     view_learning_rates: dict = dataclasses.field(default_factory=lambda: {PIXEL: 2e-5, WORD: 2e-5})
     view_pairs: int = 100  # held-out pairs with the trigger inspected per method (first world seed)
     eval_batch_size: int = 100
+    # Each method's stage and ``tpo_*`` keys, as a frozen protocol file spells them out; empty: ``METHODS``.
+    method_settings: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        unknown = [method for method in self.methods if method not in METHODS]
+        known = self.method_settings or METHODS
+        unknown = [method for method in self.methods if method not in known]
         if unknown:
-            raise ValueError(f"Unknown methods {unknown}; allowed: {', '.join(METHODS)}.")
+            raise ValueError(f"Unknown methods {unknown}; allowed: {', '.join(known)}.")
         for kind in self.world_kinds:
             if self.view_learning_rates[kind] not in self.learning_rates[kind]:
                 raise ValueError(f"view_learning_rates[{kind!r}] must be one of learning_rates[{kind!r}].")
 
+    def settings(self, method: str) -> dict:
+        """The method's LLaMA-Factory stage and ``tpo_*`` keys."""
+        return (self.method_settings or METHODS)[method]
+
     def as_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "method_settings": {name: METHODS[name] for name in self.methods}}
+        fields = dataclasses.asdict(self)
+        del fields["method_settings"]
+        return {**fields, "method_settings": {name: self.settings(name) for name in self.methods}}
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> Protocol:
+        """The protocol ``as_dict`` wrote (a frozen protocol file's ``protocol``)."""
+        tuples = ("world_kinds", "world_seeds", "methods", "recall_levels", "kl_levels")
+        values = {key: tuple(value) if key in tuples else value for key, value in fields.items()}
+        world = {**fields["world"], "test_kinds": tuple(tuple(kind) for kind in fields["world"]["test_kinds"])}
+        values["world"] = WorldConfig(**world)
+        values["learning_rates"] = {kind: tuple(rates) for kind, rates in fields["learning_rates"].items()}
+        return cls(**values)
 
 
-FULL = Protocol()
+CHECKS_DIR = Path(__file__).resolve().parent / "checks"
 
-QUICK = Protocol(
-    world_seeds=(0,),
-    world=WorldConfig(num_sft=48, num_pairs=16, num_test=24),
-    num_heldout=8,
-    sft={"batch_size": 16, "epochs": 1.0, "learning_rate": 1e-3},
-    preference={"batch_size": 4, "steps": 2, "beta": 0.1, "logging_steps": 1},
-    learning_rates={PIXEL: (1e-4,), WORD: (1e-4,)},
-    view_learning_rates={PIXEL: 1e-4, WORD: 1e-4},
-    view_pairs=2,
-    eval_batch_size=24,
-)
 
-PILOT = Protocol(
-    world_seeds=(0,),
-    methods=("dpo",),
-    learning_rates={PIXEL: (1e-6, 3e-6, 1e-5, 3e-5, 1e-4), WORD: (1e-6, 3e-6, 1e-5, 3e-5, 1e-4)},
-    view_learning_rates={PIXEL: 1e-5, WORD: 1e-5},
-)
+def load(check: str) -> Protocol:
+    """The base protocol (worlds, SFT and its ``methods`` at its learning rates) frozen in ``checks/<check>.json``."""
+    return Protocol.from_dict(json.loads((CHECKS_DIR / f"{check}.json").read_text())["protocol"])
+
+
+FULL = load("v2")
+QUICK = load("quick")  # tiny worlds, 2 steps: checks every stage and metric
+PILOT = load("pilot")
 """SFT and DPO only, on world seed 0 of each kind: the runs from which ``FULL.learning_rates`` were chosen."""

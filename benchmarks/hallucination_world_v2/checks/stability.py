@@ -1,11 +1,11 @@
 """Stability (issue #19): does TPO's weight term run away, can the monitor see it coming, does the guard stop it?
 
-    python -m benchmarks.hallucination_world_v2.stability [--out DIR] [--jobs 2] [--results PATH]
+    python -m benchmarks.hallucination_world_v2.run stability [--out DIR] [--jobs 2] [--results PATH]
 
 Runs in the v2 run folder (``run.py``'s worlds, SFT models, DPO and TPO runs are reused, and run first when
 missing): TPO with the defaults again, now with the monitor's metrics and ``tpo_log_tokens`` (``tpo_watch``), and
 TPO with the guard ``tpo_weight_clip`` (``tpo_clip``), at every v2 learning rate of both world kinds and every
-world seed. Writes ``STABILITY.md`` (rules: STABILITY_PROTOCOL.md, fixed before these runs).
+world seed (``stability.json``). Writes ``STABILITY.md`` (rules: STABILITY_PROTOCOL.md, fixed before these runs).
 """
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import sys
-import time
 import types
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import matplotlib
@@ -25,59 +22,28 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-if __package__ in (None, ""):  # run as a script: make the repository importable as the package's root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from benchmarks.hallucination_world_v2 import analysis, report, run  # noqa: E402
-from benchmarks.hallucination_world_v2.protocol import FULL, TPO_DEFAULTS  # noqa: E402
+from .. import analysis, report, run  # noqa: E402
+from . import load  # noqa: E402
+from .common import first_step_below, mean_drift, with_history  # noqa: E402, F401
 
 
-HERE = Path(__file__).resolve().parent
-WEIGHT_CLIP = 0.1  # the guard's bound on each token's log c^theta - log c^ref (STABILITY_PROTOCOL.md)
-LOGGED_PAIRS = 4  # tpo_log_tokens of the tpo_watch runs: the first training pairs' tokens at every logging step
-METHODS = {
-    "tpo_watch": {**TPO_DEFAULTS, "tpo_log_tokens": LOGGED_PAIRS},
-    "tpo_clip": {**TPO_DEFAULTS, "tpo_weight_clip": WEIGHT_CLIP},
-}
-COLLAPSE_FRACTION = 0.5  # collapsed: object recall below this fraction of the world's SFT recall
-CALIBRATION_SEED = 0  # the monitor's thresholds are chosen on this world seed, checked on the others
-SHARE_GRID = tuple(round(0.1 * step, 1) for step in range(1, 10))
-DRIFT_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+CHECK = load("stability")
+PROTOCOL = CHECK.protocol  # v2's full protocol: its runs are this check's baseline
+WEIGHT_CLIP = CHECK.constants["weight_clip"]  # the guard's bound on each token's log c^theta - log c^ref
+METHODS = {method: settings["tpo_keys"] for method, settings in CHECK.groups[0]["methods"].items()}
+COLLAPSE_FRACTION = CHECK.constants["collapse_fraction"]  # collapsed: recall below this × the world's SFT recall
+CALIBRATION_SEED = CHECK.constants["calibration_seed"]  # the monitor's thresholds are chosen on it, checked on others
+SHARE_GRID = tuple(CHECK.constants["share_grid"])
+DRIFT_GRID = tuple(CHECK.constants["drift_grid"])
 MONITOR_KEYS = ("tpo/score_drift_chosen", "tpo/score_drift_rejected", "tpo/weight_term_share")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = run.check_arguments(__doc__, run.DEFAULT_OUT, HERE / "STABILITY.md", argv)
-    start = time.perf_counter()
-    v2_runs = run.run_protocol(FULL, args.out.resolve(), args.jobs)  # reused where finished
-    worlds = [(kind, seed) for seed in FULL.world_seeds for kind in FULL.world_kinds]
-    jobs = [job for kind, seed in worlds for job in stability_jobs(args.out, kind, seed)]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        runs = list(pool.map(lambda job: with_history(run.run_job(job, FULL)), jobs))
-    write_report(v2_runs, runs, args.results, time.perf_counter() - start, args.jobs)
-    print(f"[stability] {len(runs)} runs; report: {args.results}")
-    return 0
+def run_one(job: run.Job) -> dict:
+    return with_history(run.run_job(job, PROTOCOL))
 
 
-def stability_jobs(out: Path, kind: str, seed: int) -> list[run.Job]:
-    """``tpo_watch`` and ``tpo_clip`` at every v2 learning rate of the world, from its SFT model (v2's recipe)."""
-    directory = run.world_dir(out.resolve(), kind, seed)
-    jobs = []
-    for lr, (method, tpo_keys) in itertools.product(FULL.learning_rates[kind], METHODS.items()):
-        settings = {"stage": "tpo", "tpo_keys": tpo_keys}
-        jobs.append(run.preference_job(FULL, directory, kind, seed, method, settings, lr))
-    return jobs
-
-
-def with_history(record: dict) -> dict:
-    """The run's record with its logged training metrics per step (``trainer_state.json``)."""
-    state = json.loads((Path(record["run_dir"]) / "trainer_state.json").read_text())
-    return {**record, "history": [entry for entry in state["log_history"] if "loss" in entry]}
-
-
-def mean_drift(entry: dict) -> float:
-    return (entry["tpo/score_drift_chosen"] + entry["tpo/score_drift_rejected"]) / 2
+def report_check(base_runs: list[dict], runs: list[dict], path: Path, seconds: float, jobs: int) -> None:
+    write_report(base_runs, runs, path, seconds, jobs)
 
 
 def warning_step(history: list[dict], share_threshold: float, drift_threshold: float) -> int | None:
@@ -110,13 +76,6 @@ def calibrate(watched: list[dict], is_collapsed) -> tuple[tuple[float, float], d
     return best, score(best)[1]
 
 
-def first_step_below(history: list[dict], fraction: float) -> int | None:
-    """The first logged step at which the chosen answers' mean log-probability is below ``fraction`` times its
-    first logged value (log-probabilities are negative: 2.0 means the chosen answers' NLL doubled)."""
-    first = history[0]["logps/chosen"]
-    return next((entry["step"] for entry in history if entry["logps/chosen"] < fraction * first), None)
-
-
 def write_report(v2_runs: list[dict], runs: list[dict], path: Path, seconds: float, jobs: int) -> None:
     sft_recall = {
         (record["world_kind"], record["world_seed"]): record["recall"]
@@ -134,7 +93,7 @@ def write_report(v2_runs: list[dict], runs: list[dict], path: Path, seconds: flo
     thresholds, errors = calibrate(calibration, is_collapsed)
     sections = [
         "# Stability of TPO's weight term — results (issue #19)",
-        f"Written by `python -m benchmarks.hallucination_world_v2.stability` ({len(runs)} runs, {jobs} at a time, "
+        f"Written by `python -m benchmarks.hallucination_world_v2.run stability` ({len(runs)} runs, {jobs} at a time, "
         f"{seconds / 60:.0f} min including any v2 runs it had to finish). Rules: STABILITY_PROTOCOL.md, fixed before "
         f"these runs. Collapsed: object recall below {COLLAPSE_FRACTION:g} × the world's SFT recall.",
         "## Reproducibility: `tpo_watch` is v2's `tpo` rerun with the monitor\n\n" + reproducibility(v2_runs, watched),
@@ -149,8 +108,8 @@ def write_report(v2_runs: list[dict], runs: list[dict], path: Path, seconds: flo
         + json.dumps(
             {
                 "methods": METHODS,
-                "learning_rates": FULL.learning_rates,
-                "world_seeds": FULL.world_seeds,
+                "learning_rates": PROTOCOL.learning_rates,
+                "world_seeds": PROTOCOL.world_seeds,
                 "collapse_fraction": COLLAPSE_FRACTION,
                 "calibration_seed": CALIBRATION_SEED,
                 "share_grid": SHARE_GRID,
@@ -188,8 +147,8 @@ def reproducibility(v2_runs: list[dict], watched: list[dict]) -> str:
 
 def collapse_table(runs: list[dict], is_collapsed) -> str:
     lines = ["| world | learning rate | " + " | ".join(VARIANTS) + " |", "|---|---|" + "---|" * len(VARIANTS)]
-    for kind in FULL.world_kinds:
-        for lr in FULL.learning_rates[kind]:
+    for kind in PROTOCOL.world_kinds:
+        for lr in PROTOCOL.learning_rates[kind]:
             cells = []
             for variant in VARIANTS:
                 here = [
@@ -214,7 +173,7 @@ def _seed(record: dict) -> int:
 def runaway_section(watched: list[dict], is_collapsed, path: Path) -> str:
     """Trajectories of the monitor's metrics and the chosen log-probability; per-token scores first vs last."""
     parts = []
-    for kind in FULL.world_kinds:
+    for kind in PROTOCOL.world_kinds:
         name = f"stability_{kind}.png"
         plot_trajectories([record for record in watched if record["world_kind"] == kind], path.parent / name)
         parts.append(f"### {kind} world\n\n![monitor metrics per step, {kind} world]({name})")
@@ -254,9 +213,9 @@ def token_classes(run_dir: Path) -> str:
 def plot_trajectories(watched: list[dict], path: Path) -> None:
     keys = ("tpo/weight_term_share", "tpo/score_drift_chosen", "tpo/score_drift_rejected", "logps/chosen")
     fig, axes = plt.subplots(1, len(keys), figsize=(18, 4))
-    colors = plt.cm.viridis([i / max(1, len(FULL.learning_rates[watched[0]["world_kind"]]) - 1) for i in range(5)])
+    colors = plt.cm.viridis([i / max(1, len(PROTOCOL.learning_rates[watched[0]["world_kind"]]) - 1) for i in range(5)])
     for record in watched:
-        color = colors[FULL.learning_rates[record["world_kind"]].index(record["learning_rate"])]
+        color = colors[PROTOCOL.learning_rates[record["world_kind"]].index(record["learning_rate"])]
         steps = [entry["step"] for entry in record["history"]]
         for axis, key in zip(axes, keys, strict=True):
             label = f"lr {record['learning_rate']:g}" if record["world_seed"] == 0 else None
@@ -300,13 +259,16 @@ def guard_section(runs: list[dict], is_collapsed) -> str:
     """Collapses with and without the guard, and hallucination at matched recall against DPO (v2's rule)."""
     methods = ("dpo", "tpo", "tpo_clip")
     protocol = types.SimpleNamespace(
-        methods=methods, world_seeds=FULL.world_seeds, world_kinds=FULL.world_kinds, recall_levels=FULL.recall_levels
+        methods=methods,
+        world_seeds=PROTOCOL.world_seeds,
+        world_kinds=PROTOCOL.world_kinds,
+        recall_levels=PROTOCOL.recall_levels,
     )
     lines = [
         "| world | variant | collapsed runs | D at matched recall per world seed | mean ± sd |",
         "|---|---|---|---|---|",
     ]
-    for kind in FULL.world_kinds:
+    for kind in PROTOCOL.world_kinds:
         differences = report.summary_differences(runs, protocol, kind, "recall")
         for method in ("tpo", "tpo_clip"):
             here = [record for record in runs if record["world_kind"] == kind and record["variant"] == method]
@@ -328,7 +290,7 @@ def guard_section(runs: list[dict], is_collapsed) -> str:
 def guard_verdict(runs: list[dict], is_collapsed, protocol) -> str:
     """STABILITY_PROTOCOL.md's two questions about the guard, per world kind."""
     lines = []
-    for kind in FULL.world_kinds:
+    for kind in PROTOCOL.world_kinds:
         tpo = {key: record for key, record in _by_key(runs, "tpo").items() if key[0] == kind}
         clip = _by_key(runs, "tpo_clip")
         still = [key for key, record in tpo.items() if is_collapsed(record) and is_collapsed(clip[key])]
@@ -356,8 +318,8 @@ def dpo_comparison(runs: list[dict]) -> str:
         "| world | learning rate | " + " | ".join(f"{v}: NLL doubled at step, per seed" for v in variants) + " |",
         "|---|---|" + "---|" * len(variants),
     ]
-    for kind in FULL.world_kinds:
-        for lr in FULL.learning_rates[kind]:
+    for kind in PROTOCOL.world_kinds:
+        for lr in PROTOCOL.learning_rates[kind]:
             cells = []
             for variant in variants:
                 here = sorted(
@@ -368,7 +330,3 @@ def dpo_comparison(runs: list[dict]) -> str:
                 cells.append(", ".join(str(step or "—") for step in steps))
             lines.append(f"| {kind} | {lr:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,20 +1,16 @@
 """Stability, fourth check (issue #19): does the likelihood anchor ``pref_ftx`` keep TPO's gain along the trade-off.
 
-    python -m benchmarks.hallucination_world_v2.stability_gain [--out DIR] [--jobs 2] [--results PATH]
+    python -m benchmarks.hallucination_world_v2.run gain [--out DIR] [--jobs 2] [--results PATH]
 
-Rules: STABILITY_PROTOCOL_4.md, fixed before these runs. World seeds 6 and 7 of both kinds, v2's SFT and
-preference recipes at three learning rates per kind: DPO and TPO, each with and without ``pref_ftx: 1.0`` (the
-third check's methods); TPO's and DPO's prior hallucination compared at matched object recall, anchored and not;
-the third check's collapse verdicts at lr 1e-4. Resumable like v2. Writes ``STABILITY_4.md`` and one plot per
-world kind.
+Rules: STABILITY_PROTOCOL_4.md, fixed before these runs; settings: ``gain.json``. World seeds 6 and 7 of both
+kinds, v2's SFT and preference recipes at three learning rates per kind: DPO and TPO, each with and without
+``pref_ftx: 1.0`` (the third check's methods); TPO's and DPO's prior hallucination compared at matched object
+recall, anchored and not; the third check's collapse verdicts at lr 1e-4. Resumable like v2. Writes
+``STABILITY_4.md`` and one plot per world kind.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import matplotlib
@@ -23,26 +19,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-if __package__ in (None, ""):  # run as a script: make the repository importable as the package's root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from benchmarks.hallucination_world_v2 import analysis, run, stability, stability_anchor, stability_heldout  # noqa: E402
-from benchmarks.hallucination_world_v2.protocol import FULL  # noqa: E402
-from benchmarks.hallucination_world_v2.world import PIXEL, WORD  # noqa: E402
+from .. import analysis, run  # noqa: E402
+from . import load  # noqa: E402
+from .common import cpu_model, fraction, names, run_minutes, sft_recall, signed, watched_run, yes  # noqa: E402
 
 
-HERE = Path(__file__).resolve().parent
-LARGEST_RATE = 1e-4  # where the collapse verdicts are read
-PROTOCOL = dataclasses.replace(
-    FULL,
-    world_seeds=(6, 7),
-    methods=("dpo",),
-    learning_rates={PIXEL: (2e-5, 5e-5, LARGEST_RATE), WORD: (1e-5, 3e-5, LARGEST_RATE)},
-    view_learning_rates={PIXEL: LARGEST_RATE, WORD: LARGEST_RATE},
-)
-METHODS = ("dpo", *stability_anchor.ANCHORED_METHODS)
-GAINS = (("tpo", "dpo"), ("tpo_anchor", "dpo_anchor"), ("tpo_anchor", "tpo"))
+CHECK = load("gain")
+PROTOCOL = CHECK.protocol
+LARGEST_RATE = CHECK.constants["largest_rate"]  # where the collapse verdicts are read
+ANCHOR_PREF_FTX = CHECK.constants["anchor_pref_ftx"]
+COLLAPSE_FRACTION = CHECK.constants["collapse_fraction"]  # collapsed: recall below this × the world's SFT recall
+DEGRADED_FRACTION = CHECK.constants["degraded_fraction"]  # degraded: recall below this × the world's SFT recall
+METHODS = ("dpo", *CHECK.groups[0]["methods"])
+GAINS = tuple(tuple(pair) for pair in CHECK.constants["gains"])
 """The paired comparisons D(a − b): TPO's gain, the anchored gain, and what the anchor does to TPO."""
 STYLES = {
     "dpo": ("tab:blue", "-"),
@@ -52,26 +41,16 @@ STYLES = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = run.check_arguments(__doc__, HERE / "runs_gain", HERE / "STABILITY_4.md", argv)
-    start = time.perf_counter()
-    out = args.out.resolve()
-    base_runs = run.run_protocol(PROTOCOL, out, args.jobs)  # worlds, SFT and DPO
-    jobs = [
-        job
-        for seed in PROTOCOL.world_seeds
-        for kind in PROTOCOL.world_kinds
-        for lr in PROTOCOL.learning_rates[kind]
-        for job in stability_anchor.anchored_jobs(PROTOCOL, out, kind, seed, lr)
-    ]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        runs = list(pool.map(lambda job: stability_anchor.one_run(job, PROTOCOL), jobs))
+def run_one(job: run.Job) -> dict:
+    """As the third check: a TPO run with its warning step and that checkpoint's recall; a DPO run as v2's."""
+    return watched_run(job, PROTOCOL) if job.recipe["stage"] == "tpo" else run.run_job(job, PROTOCOL)
+
+
+def report_check(base_runs: list[dict], runs: list[dict], path: Path, seconds: float, jobs: int) -> None:
     records = base_runs + runs
     for kind in PROTOCOL.world_kinds:
-        plot_frontiers(records, kind, args.results.parent / f"stability_gain_{kind}.png")
-    write_report(records, args.results, args.jobs)
-    print(f"[stability-gain] {len(records)} runs in {time.perf_counter() - start:.0f} s; report: {args.results}")
-    return 0
+        plot_frontiers(records, kind, path.parent / f"stability_gain_{kind}.png")
+    write_report(records, path, jobs)
 
 
 def matched_difference(
@@ -107,8 +86,8 @@ def write_report(records: list[dict], path: Path, jobs: int) -> None:
                 runs.append(
                     f"| {kind}-{seed} | {lr:g} | {method} | {r['recall']:.2f} ({sft[kind, seed]:.2f}) | "
                     f"{r['prior_hallucination']:.3f} | {r['chair_i']:.3f} | "
-                    f"{_yes(below(r, stability.COLLAPSE_FRACTION))} | "
-                    f"{_yes(below(r, stability_heldout.DEGRADED_FRACTION))} | {step or '—'} | "
+                    f"{yes(below(r, COLLAPSE_FRACTION))} | "
+                    f"{yes(below(r, DEGRADED_FRACTION))} | {step or '—'} | "
                     f"{'—' if held is None else f'{held:.2f}'} |"
                 )
     gains = {
@@ -119,13 +98,13 @@ def write_report(records: list[dict], path: Path, jobs: int) -> None:
     }
     sections = [
         "# Stability, fourth check: does the likelihood anchor keep TPO's gain along the trade-off — results (#19)",
-        f"Written by `python -m benchmarks.hallucination_world_v2.stability_gain` ({len(records)} runs including "
-        f"the worlds' SFT, {jobs} at a time, on {stability_anchor.cpu_model()}; "
-        f"{stability_anchor.run_minutes(records):.0f} min of training and evaluation summed over the runs). Rules: "
+        f"Written by `python -m benchmarks.hallucination_world_v2.run gain` ({len(records)} runs including "
+        f"the worlds' SFT, {jobs} at a time, on {cpu_model()}; "
+        f"{run_minutes(records):.0f} min of training and evaluation summed over the runs). Rules: "
         f"STABILITY_PROTOCOL_4.md, fixed "
-        f"before these runs. `_anchor`: `pref_ftx: {stability_anchor.ANCHOR['pref_ftx']:g}`. Collapsed: object "
-        f"recall below {stability.COLLAPSE_FRACTION:g} × the world's SFT recall; degraded: below "
-        f"{stability_heldout.DEGRADED_FRACTION:g} ×.",
+        f"before these runs. `_anchor`: `pref_ftx: {ANCHOR_PREF_FTX:g}`. Collapsed: object "
+        f"recall below {COLLAPSE_FRACTION:g} × the world's SFT recall; degraded: below "
+        f"{DEGRADED_FRACTION:g} ×.",
         "## Runs\n\n" + "\n".join(runs),
         "## At matched object recall\n\n" + gains_table(gains, worlds),
         "![frontiers, pixel world](stability_gain_pixel.png)\n\n![frontiers, word world](stability_gain_word.png)",
@@ -150,7 +129,7 @@ def gains_table(gains: dict, worlds: list[tuple[str, int]]) -> str:
             for a, b in GAINS:
                 value, span = gains[kind, seed, a, b, y_key]
                 where = "no common range" if span is None else f"{span[0]:.2f}–{span[1]:.2f}"
-                cells.append(f"{_signed(value)} ({where})")
+                cells.append(f"{signed(value)} ({where})")
             lines.append(f"| {kind}-{seed} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -170,9 +149,9 @@ def verdicts(by_key: dict, gains: dict, worlds: list[tuple[str, int]], below) ->
         plain = sum(prior_gain(kind, seed, "tpo", "dpo") for kind, seed in gained) / len(gained)
         anchored = sum(prior_gain(kind, seed, "tpo_anchor", "dpo_anchor") for kind, seed in gained) / len(gained)
         keeps = (
-            f"{_yes(len(kept) == len(gained))} — the anchored gain is negative in {len(kept)} of the {len(gained)} "
-            f"worlds where TPO gained ({_names(kept) or 'none'}); over them, mean D(tpo_anchor − dpo_anchor) "
-            f"{_signed(anchored)} against mean D(tpo − dpo) {_signed(plain)} ({_fraction(anchored, plain)})"
+            f"{yes(len(kept) == len(gained))} — the anchored gain is negative in {len(kept)} of the {len(gained)} "
+            f"worlds where TPO gained ({names(kept) or 'none'}); over them, mean D(tpo_anchor − dpo_anchor) "
+            f"{signed(anchored)} against mean D(tpo − dpo) {signed(plain)} ({fraction(anchored, plain)})"
         )
     else:
         keeps = "not tested (TPO gained in no world)"
@@ -184,43 +163,37 @@ def verdicts(by_key: dict, gains: dict, worlds: list[tuple[str, int]], below) ->
         (kind, seed, method)
         for kind, seed in worlds
         for method in ("tpo", "tpo_anchor")
-        if below(at_largest(kind, seed, method), stability.COLLAPSE_FRACTION)
+        if below(at_largest(kind, seed, method), COLLAPSE_FRACTION)
     ]
     in_time = [
         key
         for key in collapsed
         if (held := at_largest(*key).get("recall_at_warning")) is not None
-        and held >= stability.COLLAPSE_FRACTION * sft_recall(by_key, *key[:2])
+        and held >= COLLAPSE_FRACTION * sft_recall(by_key, *key[:2])
     ]
-    monitor = "not tested (no TPO run collapsed)" if not collapsed else _yes(len(in_time) == len(collapsed))
+    monitor = "not tested (no TPO run collapsed)" if not collapsed else yes(len(in_time) == len(collapsed))
     tpo_fell = [(kind, seed) for kind, seed, method in collapsed if method == "tpo"]
     still = [world for world in tpo_fell if (*world, "tpo_anchor") in collapsed]
-    guard = "not tested (`tpo` collapsed in no world)" if not tpo_fell else _yes(not still)
-    own = [world for world in tpo_fell if not below(at_largest(*world, "dpo"), stability.COLLAPSE_FRACTION)]
+    guard = "not tested (`tpo` collapsed in no world)" if not tpo_fell else yes(not still)
+    own = [world for world in tpo_fell if not below(at_largest(*world, "dpo"), COLLAPSE_FRACTION)]
     watched = [r for key, r in by_key.items() if key[2] in ("tpo", "tpo_anchor")]
-    alarms = [
-        r for r in watched if r["warning_step"] is not None and not below(r, stability_heldout.DEGRADED_FRACTION)
-    ]
+    alarms = [r for r in watched if r["warning_step"] is not None and not below(r, DEGRADED_FRACTION)]
     return "\n".join(
         [
             f"- **TPO has a gain** (D(tpo − dpo) < 0 on prior hallucination): {len(gained)} of {len(worlds)} worlds "
             f"({per_kind}).",
             f"- **The anchor keeps TPO's gain**: {keeps}.",
             f"- **Monitor warns before collapse** (lr {LARGEST_RATE:g}): {monitor} — {len(in_time)} of "
-            f"{len(collapsed)} collapsed TPO runs ({_names(collapsed) or 'none'}) warned while the model then held "
+            f"{len(collapsed)} collapsed TPO runs ({names(collapsed) or 'none'}) warned while the model then held "
             f"had not collapsed.",
             f"- **Guard prevents collapse** (lr {LARGEST_RATE:g}): {guard} — `tpo` collapsed in "
-            f"{_names(tpo_fell) or 'no world'}; `tpo_anchor` did too in {len(still)} of them.",
+            f"{names(tpo_fell) or 'no world'}; `tpo_anchor` did too in {len(still)} of them.",
             f"- **TPO's own collapses** (`tpo` collapsed, `dpo` did not, lr {LARGEST_RATE:g}): {len(own)} "
-            f"({_names(own) or 'none'}).",
+            f"({names(own) or 'none'}).",
             f"- **False alarms** (warned, not degraded; every learning rate): {len(alarms)} of {len(watched)} "
             f"TPO runs.",
         ]
     )
-
-
-def sft_recall(by_key: dict, kind: str, seed: int) -> float:
-    return by_key[kind, seed, "sft", 0.0]["recall"]
 
 
 def plot_frontiers(records: list[dict], kind: str, path: Path) -> None:
@@ -243,23 +216,3 @@ def plot_frontiers(records: list[dict], kind: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _names(worlds: list[tuple]) -> str:
-    return ", ".join(f"{kind}-{seed}" + (f" {rest[0]}" if rest else "") for kind, seed, *rest in worlds)
-
-
-def _signed(value: float) -> str:
-    return "n/a" if value != value else f"{value:+.3f}"  # nan: no recall level in the common range
-
-
-def _fraction(part: float, whole: float) -> str:
-    return "n/a" if part != part or whole != whole or whole == 0 else f"{part / whole:.2f} of it"
-
-
-def _yes(value: bool) -> str:
-    return "yes" if value else "no"
-
-
-if __name__ == "__main__":
-    sys.exit(main())
