@@ -71,10 +71,17 @@ def _anchors(page: Path) -> set[str]:
 
 def test_every_documentation_page_the_package_cites_exists():
     """A docstring's ``docs/method.md §2``, ``docs/method.md Eq. 3`` or ``docs/stability.md#anchor`` must exist."""
-    sources = [*(ROOT / "tpo_plugin").rglob("*.py"), *(ROOT / "recipes").rglob("*.yaml")]
+    sources = [
+        *(ROOT / "tpo_plugin").rglob("*.py"),
+        *(ROOT / "tests").glob("*.py"),
+        *(ROOT / "recipes").rglob("*.yaml"),
+        *(ROOT / "recipes").rglob("*.md"),
+    ]
     method = (DOCS / "method.md").read_text()
     for source in sources:
         text = source.read_text()
+        if source.name == "test_docs.py":  # its own examples are not citations
+            continue
         for page, anchor in re.findall(r"docs/([\w/-]+\.md)(?:#([\w-]+))?", text):
             assert (DOCS / page).is_file(), f"{source.relative_to(ROOT)} cites docs/{page}, which does not exist"
             if anchor:
