@@ -4,8 +4,9 @@
     python docs/generate_configuration.py --check   # exit 1 if the committed page differs
 
 Each ``tpo_*`` key's default and help come from the dataclass field as they are (only ``|`` is escaped, which a
-Markdown table cell cannot hold, and newlines become spaces); the RLHF keys' defaults and help come from the
-installed LLaMA-Factory's ``FinetuningArguments``, next to a note of what stage tpo does with each.
+Markdown table cell cannot hold, and each run of whitespace, line breaks included, becomes one space); the RLHF
+keys' defaults and help come from the installed LLaMA-Factory's ``FinetuningArguments``, next to a note of what
+stage tpo does with each.
 ``tests/test_docs.py`` fails when the committed page is not what this script writes.
 """
 
