@@ -6,10 +6,10 @@ The harness starts ``python -c "...; import bench_child; bench_child.main()" tra
 - ``TPO_BENCH_TRAINER=reference_structure``: train ``stage: tpo`` with
   :class:`reference_structure.ReferenceStructureTPOTrainer` instead of the plugin's trainer.
 
-Nothing in ``tpo_plugin`` is edited; the trainer class is swapped by name before ``run_tpo`` imports it,
-and the timer joins the callbacks LLaMA-Factory builds for every stage. The child ends right after
-training (``os._exit``): saving a 2 B model is not part of what is measured, and can take longer than
-the steps.
+Nothing in ``tpo_plugin`` is edited: the timer joins the callbacks LLaMA-Factory builds for every stage, and the
+reference-structure run hands its trainer class to ``run_tpo`` (the run builder's ``trainer_class``). The child
+ends right after training (``os._exit``): saving a 2 B model is not part of what is measured, and can take longer
+than the steps.
 """
 
 import json
@@ -114,14 +114,15 @@ def reset_peak_rss() -> bool:
 
 
 def install(result_path: str, trainer: str = "") -> None:
-    """Add the timer to every run's callbacks and, if asked, swap in the reference-structure TPO trainer."""
+    """Add the timer to every run's callbacks and, if asked, train ``stage: tpo`` with the reference-structure
+    trainer."""
     import tpo_plugin
 
     tpo_plugin.install()  # what the .pth start-up file does, in case this interpreter did not read it
     from llamafactory.train import tuner  # importing it applies tpo_plugin's patches first
     from llamafactory.train.dpo.trainer import CustomDPOTrainer  # the base of the DPO and both TPO trainers
 
-    training_function, trainer_init = tuner._training_function, CustomDPOTrainer.__init__
+    training_function, trainer_init, run_dpo = tuner._training_function, CustomDPOTrainer.__init__, tuner.run_dpo
     timer = StepTimer(result_path)
 
     def training_function_with_timer(config):
@@ -132,17 +133,17 @@ def install(result_path: str, trainer: str = "") -> None:
         timer.trainer_class = type(self).__name__
         trainer_init(self, *args, **kwargs)
 
+    def run_with_reference_structure(*args, **kwargs):
+        # The plugin's route to run_tpo (LLaMA-Factory's dispatch hands TPO runs to run_dpo) passes run_tpo's
+        # keywords on: the run builder trains with this trainer class, everything else unchanged.
+        from reference_structure import ReferenceStructureTPOTrainer
+
+        return run_dpo(*args, trainer_class=ReferenceStructureTPOTrainer, **kwargs)
+
     tuner._training_function = training_function_with_timer
     CustomDPOTrainer.__init__ = trainer_init_recording_class
     if trainer == REFERENCE_STRUCTURE:
-        from reference_structure import ReferenceStructureTPOTrainer
-
-        import tpo_plugin.training.trainer
-        import tpo_plugin.training.workflow
-
-        tpo_plugin.training.trainer.CustomTPOTrainer = ReferenceStructureTPOTrainer  # run_tpo imports it from here
-        if hasattr(tpo_plugin.training.workflow, "CustomTPOTrainer"):  # in case a later run_tpo imports it at the top
-            tpo_plugin.training.workflow.CustomTPOTrainer = ReferenceStructureTPOTrainer
+        tuner.run_dpo = run_with_reference_structure
     elif trainer:
         raise ValueError(f"{TRAINER_ENV}={trainer!r}: expected {REFERENCE_STRUCTURE!r} or nothing.")
 

@@ -52,8 +52,8 @@ def time_once(model_dir: Path, dataset_dir: Path, output_dir: Path, workers: int
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_tokenizer
 
-    from tpo_plugin.training.data_checks import check_pairs
-    from tpo_plugin.training.forking import single_threaded_torch_in_forked_children
+    from tpo_plugin.training.checks.data import check_pairs
+    from tpo_plugin.training.run.forking import single_threaded_torch_in_forked_children
 
     config = {
         "model_name_or_path": str(model_dir),

@@ -1,6 +1,6 @@
 """TPO computed with the reference code's structure, as the baseline the plugin's trainer is measured against.
 
-The reference code (github.com/alibaba/TPO, TPO_METHOD §8) runs every branch as its own forward pass:
+The reference code (github.com/alibaba/TPO, docs/method.md §10) runs every branch as its own forward pass:
 policy and reference model, each on the chosen and the rejected answers, each with the clean and the
 corrupted image, 4 + 4 forwards of n rows, each re-encoding its images in the vision tower, and turns every
 forward's logits into a float32 full-vocabulary log-softmax before gathering the target tokens.
@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 
 from tpo_plugin.method.objective import IGNORE_INDEX, TokenScores
-from tpo_plugin.training.collator import PAIR_IMAGES_KEY
+from tpo_plugin.training.batch.keys import PAIR_IMAGES_KEY
 from tpo_plugin.training.trainer import CustomTPOTrainer
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from test_refusals import run_exp_error
 
-from tpo_plugin.training.corruption import regularize_images
+from tpo_plugin.training.batch.corruption import regularize_images
 
 from conftest import PAIR_COLUMNS, preference_rows, train_config
 

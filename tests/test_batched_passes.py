@@ -12,14 +12,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import tpo_plugin.training.trainer
 from tpo_plugin.method.noise import corrupt_image
 from tpo_plugin.method.objective import first_scored_position, target_token_scores
-from tpo_plugin.training.collator import PAIR_IMAGES_KEY, TPODataCollatorWithPadding
-from tpo_plugin.training.corruption import ImageCorrupter
-from tpo_plugin.training.image_features import (
+from tpo_plugin.training.batch.collator import TPODataCollatorWithPadding
+from tpo_plugin.training.batch.corruption import ImageCorrupter
+from tpo_plugin.training.batch.image_features import (
     ImageFeatureCache,
     image_feature_owner,
     join_block_features,
     vision_path_is_frozen,
 )
+from tpo_plugin.training.batch.keys import PAIR_IMAGES_KEY
 from tpo_plugin.training.trainer import concat_rows, logits_from_position
 
 from conftest import log_history, train_config, train_logs

@@ -1,4 +1,4 @@
-"""Image corruption (TPO_METHOD §1): schedule, noise, clamping, reproducibility, blank images."""
+"""Image corruption (docs/method.md §1): schedule, noise, clamping, reproducibility, blank images."""
 
 import math
 
@@ -10,7 +10,7 @@ from PIL import Image
 from tpo_plugin.method.noise import add_diffusion_noise, corrupt_image, noise_schedule, noise_seed
 
 
-# TPO_METHOD §1, reference values: k -> (sqrt(alpha_bar_k), sqrt(1 - alpha_bar_k))
+# docs/method.md Eq. 1, reference values: k -> (sqrt(alpha_bar_k), sqrt(1 - alpha_bar_k))
 REFERENCE_SCHEDULE = {
     0: (1.0000, 0.0047),
     250: (0.9891, 0.1470),
@@ -29,7 +29,7 @@ def test_noise_schedule_matches_reference_table(step):
 
 
 def reference_alpha_bar(step: int) -> float:
-    """alpha_bar_k computed with a plain loop over the betas of TPO_METHOD §1."""
+    """alpha_bar_k computed with a plain loop over the betas of docs/method.md Eq. 1."""
     alpha_bar = 1.0
     for t in range(step + 1):
         x = -6.0 + 12.0 * t / 999

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from tpo_plugin.method.objective import target_token_scores, tpo_batch_loss
-from tpo_plugin.training.collator import PAIR_IMAGES_KEY
+from tpo_plugin.training.batch.keys import PAIR_IMAGES_KEY
 from tpo_plugin.training.trainer import corrupted_pass_inputs
 
 from conftest import PAIR_COLUMNS, preference_rows, train_config, train_logs, user_env, write_yaml
@@ -218,7 +218,7 @@ def test_clean_inputs_as_corrupted_ones_leave_an_image_less_batch_loss_unchanged
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_tokenizer
 
-    from tpo_plugin.training.workflow import corrupter_and_collator
+    from tpo_plugin.training.batch.collator import corrupter_and_collator
 
     config = train_config(model_dirs["qwen2_vl"], "qwen2_vl", dataset_dir, tmp_path / "out", dataset="text_pairs")
     model_args, data_args, training_args, finetuning_args, _ = get_train_args(config)

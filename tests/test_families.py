@@ -6,7 +6,7 @@ fine-tuning.
 Each family trains once, on one pair with two images, and that one run shows: finite TPO metrics; the first
 step's logged visual score equals an independent computation with *both* images white (and differs from the
 score with only the first one white, so an image left clean would be caught); and the image-feature reuse
-(``training/image_features.py``) is on or off as ``SUPPORTED_MODEL_TYPES`` says, by counting what the family's
+(``training/batch/image_features.py``) is on or off as ``SUPPORTED_MODEL_TYPES`` says, by counting what the family's
 vision encoder encodes inside the CLI's process.
 """
 
@@ -21,7 +21,7 @@ from PIL import Image
 from test_e2e_train import DPO_KEYS, TPO_KEYS
 
 from tpo_plugin.testing.tiny_models import FAMILIES, build_tiny_model
-from tpo_plugin.training.image_features import SUPPORTED_MODEL_TYPES
+from tpo_plugin.training.batch.image_features import SUPPORTED_MODEL_TYPES
 
 from conftest import PAIR_COLUMNS, draw, run_cli, train_config, train_logs, write_yaml
 
@@ -331,7 +331,7 @@ def test_family_table_matches_llamafactorys_templates():
     import llamafactory
     from llamafactory.data.template import TEMPLATES
 
-    from tpo_plugin.training import families
+    from tpo_plugin.training.checks import families
 
     image_templates = {name for name, template in TEMPLATES.items() if template.mm_plugin.image_token is not None}
     tabled = set(families.TRAINED) | set(families.UNTESTED)
@@ -345,7 +345,7 @@ def test_family_table_matches_llamafactorys_templates():
 
 
 def test_untested_template_is_named_in_a_warning(tpo_log_records):
-    from tpo_plugin.training.families import check_template_family
+    from tpo_plugin.training.checks.families import check_template_family
 
     check_template_family("qwen2_vl")
     assert tpo_log_records == []

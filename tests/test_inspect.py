@@ -2,7 +2,7 @@
 
 The independent side encodes the pair with LLaMA-Factory's own pairwise collator and runs a plain
 transformers model from the same directory on the clean and on the corrupted image (``corrupt_image`` with
-the evaluation step key, or a white image), then takes raw target-token logits (TPO_METHOD §2, §3).
+the evaluation step key, or a white image), then takes raw target-token logits (docs/method.md §2–§3).
 """
 
 import html
@@ -19,7 +19,7 @@ from transformers import AutoModelForImageTextToText
 
 from tpo_plugin.commands.cli import main as tpo_plugin_main
 from tpo_plugin.method.noise import corrupt_image
-from tpo_plugin.training.corruption import EVAL_STEP_KEY
+from tpo_plugin.training.batch.keys import EVAL_STEP_KEY
 
 from conftest import run_cli, run_command, train_config, train_logs, write_yaml
 
@@ -142,7 +142,7 @@ def test_logged_tokens_equal_the_steps_metrics_inspect_and_history(model_dirs, d
 
 
 def test_history_keeps_the_records_of_the_run_as_it_stands_after_resumes():
-    from tpo_plugin.training.token_report import records_of_the_current_run
+    from tpo_plugin.commands.token_report import records_of_the_current_run
 
     sides = ("chosen", "rejected")
 
@@ -212,7 +212,7 @@ def token_record(step: int, tokens: list[str], side: str = "chosen") -> dict:
 def test_set_aside_keeps_every_earlier_log_and_a_resume_keeps_its_own(tmp_path):
     from transformers import TrainingArguments
 
-    from tpo_plugin.training.token_view import set_aside_earlier_token_log
+    from tpo_plugin.training.diagnostics.token_view import set_aside_earlier_token_log
 
     log = tmp_path / "tpo_tokens.jsonl"
     new_run = TrainingArguments(output_dir=str(tmp_path), do_train=True, report_to="none", use_cpu=True)

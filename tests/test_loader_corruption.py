@@ -5,10 +5,11 @@ a resume."""
 
 import pytest
 
-import tpo_plugin.training.collator
-from tpo_plugin.training.collator import CORRUPTED_INPUTS_KEY, NOISE_KEY, TPODataCollatorWithPadding
-from tpo_plugin.training.corruption import ImageCorrupter
-from tpo_plugin.training.step_keys import STEP_FIELD, StepKeyedDataset, StepKeyedSampler
+import tpo_plugin.training.batch.collator
+from tpo_plugin.training.batch.collator import TPODataCollatorWithPadding
+from tpo_plugin.training.batch.corruption import ImageCorrupter
+from tpo_plugin.training.batch.keys import CORRUPTED_INPUTS_KEY, NOISE_KEY, STEP_FIELD
+from tpo_plugin.training.batch.step_keys import StepKeyedDataset, StepKeyedSampler
 
 from conftest import assert_resumed_steps_equal, train_config, train_logs
 
@@ -55,10 +56,10 @@ def test_corrupting_in_the_data_loader_gives_the_losses_of_corrupting_in_the_ste
                 return batch
 
             monkeypatch.setattr(
-                tpo_plugin.training.collator.TPODataCollatorWithPadding, "__call__", collate_without_corruption
+                tpo_plugin.training.batch.collator.TPODataCollatorWithPadding, "__call__", collate_without_corruption
             )
         else:
-            monkeypatch.setattr(tpo_plugin.training.collator.TPODataCollatorWithPadding, "__call__", collate)
+            monkeypatch.setattr(tpo_plugin.training.batch.collator.TPODataCollatorWithPadding, "__call__", collate)
         calls_here.clear()
         config = train_config(
             model_dirs["qwen2_vl"],

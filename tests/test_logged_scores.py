@@ -1,4 +1,4 @@
-"""The logged visual score equals an independent computation with a white image (TPO_METHOD §2, §3).
+"""The logged visual score equals an independent computation with a white image (docs/method.md §2–§3).
 
 The independent side uses only LLaMA-Factory's data pipeline (to encode the pair exactly as training
 does) and a transformers model loaded from the same directory: clean image vs. a white image of the same

@@ -1,4 +1,4 @@
-"""The TPO objective against hand computations (TPO_METHOD §2-§4).
+"""The TPO objective against hand computations (docs/method.md §2–§4).
 
 Expected values are written out with ``math`` on plain floats, token by token, independently of the
 tensor code under test.

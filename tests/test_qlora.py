@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
-from tpo_plugin.training.collator import PAIR_IMAGES_KEY
+from tpo_plugin.training.batch.keys import PAIR_IMAGES_KEY
 
 from conftest import run_cli, train_config, train_logs, write_yaml
 
@@ -42,7 +42,7 @@ def unquantized_chosen_logps(model_dir, dataset_dir, tmp_path) -> float:
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_tokenizer
 
-    from tpo_plugin.training.workflow import corrupter_and_collator
+    from tpo_plugin.training.batch.collator import corrupter_and_collator
 
     config = train_config(model_dir, "qwen2_vl", dataset_dir, tmp_path / "unquantized")
     model_args, data_args, training_args, finetuning_args, _ = get_train_args(config)

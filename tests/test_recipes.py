@@ -14,7 +14,7 @@ import yaml
 
 from tpo_plugin.hparams.tpo_args import tpo_defaults
 from tpo_plugin.testing.tiny_models import FAMILIES, build_tiny_model
-from tpo_plugin.training.run_settings import NON_OBJECTIVE_TPO_KEYS
+from tpo_plugin.training.run.settings import NON_OBJECTIVE_TPO_KEYS
 
 from conftest import log_history, run_cli, write_yaml
 

@@ -10,7 +10,7 @@ import torch
 
 import tpo_plugin.training.trainer
 from tpo_plugin.method.objective import TokenScores
-from tpo_plugin.training.reference_scores import (
+from tpo_plugin.training.reference.scores import (
     NOT_IDENTITY,
     SCORES_FILE,
     ReferenceScores,

@@ -9,7 +9,7 @@ import pytest
 
 from tpo_plugin import compat
 from tpo_plugin.integration import bootstrap, patches
-from tpo_plugin.training.corruption import regularize_images
+from tpo_plugin.training.batch.corruption import regularize_images
 
 from conftest import log_history, run_cli, train_config, user_env, write_yaml
 

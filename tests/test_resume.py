@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tpo_plugin.training.stability import MONITOR_STATE_FILE
+from tpo_plugin.training.run.stability import MONITOR_STATE_FILE
 
 from conftest import assert_resumed_steps_equal, run_cli, train_config, write_yaml
 

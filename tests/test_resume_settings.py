@@ -103,7 +103,7 @@ def test_an_allowed_change_continues_and_train_loss_is_the_mean_of_all_steps(fin
 
 @pytest.mark.parametrize("weighting, refused", [("log_additive", False), ("multiplicative", True)])
 def test_a_key_newer_than_the_checkpoint_counts_as_its_default(tmp_path, weighting, refused):
-    from tpo_plugin.training.run_settings import SETTINGS_FILE, refuse_changed_settings
+    from tpo_plugin.training.run.settings import SETTINGS_FILE, refuse_changed_settings
 
     # a checkpoint written before tpo_weighting existed trained with the log-additive objective
     (tmp_path / SETTINGS_FILE).write_text(json.dumps({"tpo_noise_step": 500, "pref_beta": 0.1}))
@@ -159,7 +159,7 @@ def test_the_run_length_of_num_train_epochs_is_the_trainers(num_pairs, batch_siz
     import torch
     from transformers import Trainer
 
-    from tpo_plugin.training.run_settings import steps_per_epoch
+    from tpo_plugin.training.run.settings import steps_per_epoch
 
     args = training_args(
         Path("unused"), per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
@@ -181,7 +181,7 @@ def test_each_process_trains_its_share_of_the_batches_as_accelerate_shards_them(
     from accelerate.data_loader import BatchSamplerShard
     from torch.utils.data import BatchSampler, SequentialSampler
 
-    from tpo_plugin.training.run_settings import steps_per_epoch
+    from tpo_plugin.training.run.settings import steps_per_epoch
 
     batches = BatchSampler(SequentialSampler(range(num_pairs)), batch_size, drop_last)
     shard = BatchSamplerShard(batches, num_processes=world_size, process_index=0, even_batches=True)
@@ -197,7 +197,7 @@ def fake_checkpoint(output_dir: Path, step: int, run_steps: int, run_epochs: int
 
 
 def test_a_resume_is_refused_exactly_when_the_run_of_num_train_epochs_ends_at_or_before_its_checkpoint(tmp_path):
-    from tpo_plugin.training.run_settings import refuse_resume_past_the_end
+    from tpo_plugin.training.run.settings import refuse_resume_past_the_end
 
     sixteen_pairs = [{}] * 16  # 4 steps an epoch in batches of 4
     # a 2.5-epoch run that finished at step 10 (transformers records its epochs as 3), and an earlier checkpoint
@@ -222,7 +222,7 @@ def test_a_resume_is_refused_exactly_when_the_run_of_num_train_epochs_ends_at_or
 
 @pytest.mark.parametrize("content", ["", '{"pref_beta": 0.1, "tpo_no'])
 def test_a_damaged_settings_file_is_named_with_what_to_do(tmp_path, content):
-    from tpo_plugin.training.run_settings import SETTINGS_FILE, refuse_changed_settings
+    from tpo_plugin.training.run.settings import SETTINGS_FILE, refuse_changed_settings
 
     (tmp_path / SETTINGS_FILE).write_text(content)
     with pytest.raises(ValueError, match=rf"{tmp_path / SETTINGS_FILE} is .*: it was cut off or damaged .* Delete it"):
@@ -230,7 +230,7 @@ def test_a_damaged_settings_file_is_named_with_what_to_do(tmp_path, content):
 
 
 def test_a_damaged_trainer_state_is_named_with_what_to_do(tmp_path):
-    from tpo_plugin.training.run_settings import refuse_resume_past_the_end
+    from tpo_plugin.training.run.settings import refuse_resume_past_the_end
 
     checkpoint = fake_checkpoint(tmp_path, 2, 2, 1)
     (checkpoint / "trainer_state.json").write_text('{"global_step": 2, "max_')
@@ -240,7 +240,7 @@ def test_a_damaged_trainer_state_is_named_with_what_to_do(tmp_path):
 
 
 def test_settings_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    from tpo_plugin.training.run_settings import SETTINGS_FILE, write_settings
+    from tpo_plugin.training.run.settings import SETTINGS_FILE, write_settings
 
     write_settings(str(tmp_path), {"pref_beta": 0.1})
 

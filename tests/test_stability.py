@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from tpo_plugin.training import stability
-from tpo_plugin.training.stability import RunawayMonitor, runaway_message
+from tpo_plugin.training.run import stability
+from tpo_plugin.training.run.stability import RunawayMonitor, runaway_message
 
 from conftest import train_logs
 

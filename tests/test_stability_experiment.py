@@ -1,4 +1,4 @@
-"""The stability experiment's rules (``benchmarks/hallucination_world_v2/stability.py``) on hand-written logs."""
+"""The stability experiment's rules (``benchmarks/hallucination_world_v2/checks/``) on hand-written logs."""
 
 import pytest
 
@@ -52,7 +52,7 @@ def test_collapse_is_recall_below_half_of_sfts():
 
 def test_second_check_reads_the_step_the_shipped_monitor_names(tmp_path):
     from benchmarks.hallucination_world_v2.checks import heldout as stability_heldout
-    from tpo_plugin.training.stability import runaway_message
+    from tpo_plugin.training.run.stability import runaway_message
 
     logs = {"loss": 0.3, "logps/chosen": -9.0, "tpo/score_drift_chosen": 2.0, "tpo/score_drift_rejected": 1.0}
     log = tmp_path / "train.log"

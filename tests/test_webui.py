@@ -107,10 +107,10 @@ def test_panel_texts_in_all_five_languages(train_tab):
     for key in webui.TPO_KEYS:
         for lang in ("en", "ru", "zh", "ko", "ja"):
             assert LOCALES[key][lang]["label"] and LOCALES[key][lang]["info"], (key, lang)
-        # English help is the YAML key's help, less the pointer into TPO_METHOD.md
+        # English help is the YAML key's help, less the pointer into docs/method.md
         help_text = next(f.metadata["help"] for f in fields(TPOArguments) if f.name == key)
-        assert LOCALES[key]["en"]["info"] == re.sub(r" \(TPO_METHOD §\d+\)", "", help_text)
-        assert "TPO_METHOD" not in LOCALES[key]["en"]["info"]
+        assert LOCALES[key]["en"]["info"] == re.sub(r" \(docs/method\.md[^)]*\)", "", help_text)
+        assert "method.md" not in LOCALES[key]["en"]["info"]
     for name in ("tpo_tab", "tpo_info"):
         assert all(LOCALES[name][lang] for lang in ("en", "ru", "zh", "ko", "ja"))
 

@@ -1,8 +1,8 @@
 """What the plugin is compatible with, and the guard every reach into LLaMA-Factory's internals goes through.
 
 The plugin extends LLaMA-Factory where it has no public extension point (argument lists, the stage
-dispatch, the web UI) and reads two of its private helpers (image loading, dataset alignment). Each
-such place first calls :func:`require`, so a LLaMA-Factory whose internals moved fails at once, naming
+dispatch, the web UI) and reads a few of its private helpers (image resizing, dataset alignment, length
+cutting); all of that lives in :mod:`tpo_plugin.integration`. Each such place first calls :func:`require`, so a LLaMA-Factory whose internals moved fails at once, naming
 what is missing and the versions the plugin was written for, instead of training something else.
 """
 
@@ -56,13 +56,15 @@ def untested_llamafactory() -> str | None:
     )
 
 
-def require(module: ModuleType, attribute: str) -> Any:
-    """``module.attribute``, or an :class:`IncompatibleLlamaFactoryError` naming it and the supported versions."""
-    if not hasattr(module, attribute):
+def require(owner: ModuleType | type | Any, attribute: str) -> Any:
+    """``owner.attribute`` (of a module, class or object), or an :class:`IncompatibleLlamaFactoryError` naming it
+    and the supported versions."""
+    if not hasattr(owner, attribute):
+        name = getattr(owner, "__name__", type(owner).__name__)
         raise IncompatibleLlamaFactoryError(
-            f"tpo-plugin expects `{module.__name__}.{attribute}`, which LLaMA-Factory "
+            f"tpo-plugin expects `{name}.{attribute}`, which LLaMA-Factory "
             f"{installed_version('llamafactory') or '(unknown version)'} does not have; the plugin was written "
             f"for LLaMA-Factory {SUPPORTED_LLAMAFACTORY}. Install one of those, "
             f"or set {DISABLE_ENV}=1 to turn the plugin off."
         )
-    return getattr(module, attribute)
+    return getattr(owner, attribute)

@@ -22,7 +22,7 @@ from PIL import Image  # noqa: E402
 
 from tpo_plugin.method.noise import corrupt_image  # noqa: E402
 from tpo_plugin.method.objective import IGNORE_INDEX, target_token_scores, token_visual_scores_and_log_weights  # noqa: E402
-from tpo_plugin.training.corruption import EVAL_STEP_KEY  # noqa: E402
+from tpo_plugin.training.batch.keys import EVAL_STEP_KEY  # noqa: E402
 
 from .evaluate import chat_prompt, load  # noqa: E402
 from .world import CAPTION_PROMPT, OBJECTS, PARTNER, TRIGGER, mentioned_objects  # noqa: E402

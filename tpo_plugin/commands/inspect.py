@@ -3,9 +3,9 @@
     tpo-plugin inspect my_tpo.yaml [key=value ...] --output-dir OUT [--num-pairs 16] [--split train|eval]
     tpo-plugin inspect --history OUTPUT_DIR|TOKEN_LOG [--output-dir OUT]
 
-The recipe is parsed, checked and loaded as ``stage: tpo`` loads it (LLaMA-Factory's parser, TPO's data
-checks, ``get_dataset``, ``load_model`` as for training, ``create_ref_model``), and the first N pairs go
-through the trainer's own passes with the noise of an evaluation step (:mod:`tpo_plugin.training.token_view`).
+The recipe is parsed with LLaMA-Factory's parser and checked, loaded and wired by the run builder that training
+uses (:func:`tpo_plugin.training.workflow.build_tpo_run`), and the first N pairs go through the trainer's own
+passes with the noise of an evaluation step (:mod:`tpo_plugin.training.diagnostics.token_view`).
 Writes ``OUT/tokens.jsonl`` and ``OUT/report.html`` and prints the first pairs; ``--history`` renders the
 ``tpo_tokens.jsonl`` that ``tpo_log_tokens`` wrote during training into ``OUT/history.html`` (or another token
 log: a new run into the same ``output_dir`` sets the earlier run's aside as ``tpo_tokens.<time>.jsonl``).
@@ -57,10 +57,16 @@ def recipe_config(recipe: Path, overrides: list[str], output_dir: Path, split: s
         raise InspectError(f"{recipe} has `stage: {stage}`; tpo-plugin inspect needs a `stage: tpo` recipe.")
     if split == "eval" and not (config.get("eval_dataset") or float(config.get("val_size") or 0) > 0):
         raise InspectError(f"--split eval, but {recipe} has no evaluation data (set `eval_dataset` or `val_size`).")
-    # Loaded as for training (reference model, adapter kept separate), but nothing is trained or written there.
+    # Loaded as for training (reference model, adapter kept separate), but nothing is trained or written there;
+    # the reference model runs live, so no reference scores are computed or stored.
     config.pop("resume_from_checkpoint", None)
     config.update(
-        do_train=True, output_dir=str(output_dir), overwrite_output_dir=True, report_to="none", tpo_log_tokens=0
+        do_train=True,
+        output_dir=str(output_dir),
+        overwrite_output_dir=True,
+        report_to="none",
+        tpo_log_tokens=0,
+        tpo_precompute_ref=False,
     )
     return config
 
@@ -75,54 +81,27 @@ def check_output_dir(output_dir: Path, names: tuple[str, ...], overwrite: bool) 
 
 
 def inspect_pairs(config: dict[str, Any], num_pairs: int, split: str) -> tuple[list[dict], list[dict], str]:
-    """(token views, the inspected dataset rows, the reference model in words), loaded as ``run_tpo`` loads."""
-    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    """(token views, the inspected dataset rows, the reference model in words), built as ``run_tpo`` builds."""
     from llamafactory.hparams import get_train_args
-    from llamafactory.model import load_model, load_tokenizer
-    from llamafactory.train.trainer_utils import create_ref_model
 
-    from ..training.data_checks import check_data_arguments, check_image_template, check_pairs
-    from ..training.forking import single_threaded_torch_in_forked_children
-    from ..training.token_view import pair_token_views, reference_description
-    from ..training.trainer import CustomTPOTrainer
-    from ..training.workflow import corrupter_and_collator
+    from ..training.diagnostics.token_view import pair_token_views, reference_description
+    from ..training.workflow import build_tpo_run
 
-    model_args, data_args, training_args, finetuning_args, _ = get_train_args(config)
-    single_threaded_torch_in_forked_children()  # the data checks run torch before get_dataset forks its workers
-    check_data_arguments(data_args)
-    tokenizer_module = load_tokenizer(model_args)
-    tokenizer = tokenizer_module["tokenizer"]
-    template = get_template_and_fix_tokenizer(tokenizer, data_args)
-    check_image_template(template, data_args.template)
-    check_pairs(template, tokenizer_module, model_args, data_args, training_args)
-    dataset_module = get_dataset(template, model_args, data_args, training_args, stage="rm", **tokenizer_module)
-    dataset = dataset_module.get("train_dataset" if split == "train" else "eval_dataset")
+    run = build_tpo_run(*get_train_args(config)[:4])
+    dataset = run.dataset_module.get("train_dataset" if split == "train" else "eval_dataset")
     if isinstance(dataset, dict):  # eval_on_each_dataset: the datasets one after another
         dataset = [row for part in dataset.values() for row in part]
     if dataset is None or len(dataset) == 0:
         raise InspectError(f"The recipe's {split} split holds no pairs.")
     rows = [dataset[index] for index in range(min(num_pairs, len(dataset)))]
 
-    model = load_model(tokenizer, model_args, finetuning_args, is_trainable=True)
-    image_corrupter, data_collator = corrupter_and_collator(
-        template, model, tokenizer_module, data_args, finetuning_args, training_args.seed
-    )
-    trainer = CustomTPOTrainer(
-        image_corrupter=image_corrupter,
-        model=model,
-        ref_model=create_ref_model(model_args, finetuning_args),
-        args=training_args,
-        finetuning_args=finetuning_args,
-        data_collator=data_collator,
-        **dataset_module,
-        **tokenizer_module,
-    )
-    views = pair_token_views(trainer, rows, tokenizer)
+    tokenizer = run.tokenizer_module["tokenizer"]
+    views = pair_token_views(run.trainer, rows, tokenizer)
     for index, (view, row) in enumerate(zip(views, rows, strict=True)):
         prompt_ids = [t for t, label in zip(row["chosen_input_ids"], row["chosen_labels"], strict=True) if label < 0]
         view.update(pair=index, image=list(row.get("images") or []))
         view["question"] = tokenizer.decode(prompt_ids, skip_special_tokens=True).strip()
-    return views, rows, reference_description(trainer)
+    return views, rows, reference_description(run.trainer)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"tpo-plugin inspect: {error}", file=sys.stderr)
         return 2
 
-    from ..training.token_report import image_data_uri, report_html, terminal_view
+    from .token_report import image_data_uri, report_html, terminal_view
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     with open(args.output_dir / TOKENS_FILE, "w", encoding="utf-8") as file:
@@ -161,8 +140,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_history(args: argparse.Namespace) -> int:
-    from ..training.token_report import history_html, read_token_log, records_of_the_current_run
-    from ..training.token_view import TOKENS_LOG_FILE
+    from .token_report import history_html, read_token_log, records_of_the_current_run
+    from ..training.diagnostics.token_view import TOKENS_LOG_FILE
 
     source = args.history if args.history.is_file() else args.history / TOKENS_LOG_FILE
     if not source.is_file():

@@ -1,7 +1,7 @@
 """TPO's YAML keys, and LLaMA-Factory's ``FinetuningArguments`` extended with them and with ``stage: tpo``.
 
-Each key is a dataclass field whose ``help`` says meaning, range and default; the README's key table is
-checked against these fields by a test. Values are validated in ``__post_init__``, that is while
+Each key is a dataclass field whose ``help`` says meaning, range and default; docs/configuration.md is
+generated from these fields (``python docs/generate_configuration.py``, checked by a test). Values are validated in ``__post_init__``, that is while
 LLaMA-Factory parses the arguments and before any model or data is loaded.
 """
 
@@ -24,46 +24,46 @@ TPO_PREF_LOSSES = ("sigmoid", "hinge", "ipo")
 
 @dataclass
 class TPOArguments:
-    r"""Arguments of Token Preference Optimization (see TPO_METHOD.md)."""
+    r"""Arguments of Token Preference Optimization (see docs/method.md)."""
 
     tpo_noise_step: int = field(
         default=500,
         metadata={
-            "help": "Diffusion step k of the image corruption, an integer in 0-999 (TPO_METHOD §1). Default 500."
+            "help": "Diffusion step k of the image corruption, an integer in 0-999 (docs/method.md §1). Default 500."
         },
     )
     tpo_corruption: Literal["diffusion", "blank"] = field(
         default="diffusion",
         metadata={
             "help": "How the image is corrupted: `diffusion` noise at step tpo_noise_step, or a `blank` white image "
-            "of the same size (TPO_METHOD §1). Default diffusion."
+            "of the same size (docs/method.md §1). Default diffusion."
         },
     )
     tpo_reward_offset: float = field(
         default=0.5,
         metadata={
-            "help": "Offset a of the token weight c = a + sigmoid(±s), a float >= 0 (TPO_METHOD §3). Default 0.5."
+            "help": "Offset a of the token weight c = a + sigmoid(±s), a float >= 0 (docs/method.md §3). Default 0.5."
         },
     )
     tpo_reward_on: Literal["both", "chosen", "rejected"] = field(
         default="both",
         metadata={
             "help": "Which response gets token weights: `both`, `chosen` or `rejected`; the other side's tokens get "
-            "weight 1 (TPO_METHOD §5). Default both."
+            "weight 1 (docs/method.md §3). Default both."
         },
     )
     tpo_score: Literal["logit", "logprob"] = field(
         default="logit",
         metadata={
             "help": "What the visual score compares between the clean and the corrupted image: the target token's "
-            "raw `logit` (reference code) or its `logprob` (TPO_METHOD §2). Default logit."
+            "raw `logit` (reference code) or its `logprob` (docs/method.md §2, Eq. 3). Default logit."
         },
     )
     tpo_detach_reward: bool = field(
         default=False,
         metadata={
             "help": "Stop gradients through the policy's token weights; the corrupted policy pass then runs without "
-            "a graph, which is cheaper (TPO_METHOD §4). Default false."
+            "a graph, which is cheaper (docs/method.md §4). Default false."
         },
     )
     tpo_weighting: Literal["log_additive", "multiplicative"] = field(
@@ -72,7 +72,7 @@ class TPOArguments:
             "help": "How the token weights enter each response's score: `log_additive`, sum [log p + log c], the "
             "paper's (the weights act through the margin and through their own gradient), or `multiplicative`, "
             "sum c * log p with the policy's c detached and applied to the reference's log-probabilities too (the "
-            "weights scale each token's gradient; the reference's corrupted pass is skipped) (TPO_METHOD §4). "
+            "weights scale each token's gradient; the reference's corrupted pass is skipped) (docs/method.md §4). "
             "Default log_additive."
         },
     )
@@ -82,7 +82,7 @@ class TPOArguments:
             "help": "Guard against TPO's run-away: bound each token's log c^theta - log c^ref to +-this value, so "
             "the policy is no longer rewarded for inflating its visual scores past it (log_additive only, refused "
             "with multiplicative, whose weights have no gradient to bound); a float >= 0, 0 turns it off "
-            "(TPO_METHOD §4). "
+            "(docs/method.md §4). "
             "Default 0."
         },
     )
@@ -91,7 +91,7 @@ class TPOArguments:
         metadata={
             "help": "When the corruption noise is drawn: fresh each `step` (keyed by seed, step and image), or once "
             "per `sample` (one fixed corrupted copy of each image for the whole run, keyed by seed and image) "
-            "(TPO_METHOD §1). Default step."
+            "(docs/method.md §1). Default step."
         },
     )
     tpo_precompute_ref: bool = field(

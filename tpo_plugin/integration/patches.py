@@ -16,11 +16,9 @@ For the web UI (LlamaBoard), four more, with the UI pieces themselves in :mod:`t
 a launch in the UI's own environment) and ``llamafactory.webui.components.train`` (the TPO panel).
 
 Each patch checks that what it replaces exists (:func:`tpo_plugin.compat.require`) and otherwise fails
-loudly, naming the LLaMA-Factory versions this module was written for. Besides these patches, the plugin
-reads two private helpers of LLaMA-Factory, each through the same guard: ``mm_plugin._regularize_images``
-(:func:`tpo_plugin.training.corruption.regularize_images`) and ``loader._get_merged_dataset``
-(:func:`tpo_plugin.training.data_checks.aligned_datasets`). Upgrading LLaMA-Factory means reading this
-file and those two functions.
+loudly, naming the LLaMA-Factory versions this module was written for. The private helpers that training reads
+are behind the same guard in :mod:`tpo_plugin.integration.internals`. Upgrading LLaMA-Factory means reading
+these two modules.
 """
 
 import sys
@@ -75,7 +73,8 @@ def patch_tuner(tuner: ModuleType) -> bool:
             finetuning_args.tpo_routed = True
         return model_args, data_args, training_args, finetuning_args, generating_args
 
-    def run_dpo_or_tpo(model_args, data_args, training_args, finetuning_args, callbacks=None):
+    def run_dpo_or_tpo(model_args, data_args, training_args, finetuning_args, callbacks=None, **tpo_options):
+        """``run_dpo``, or ``run_tpo`` for a routed TPO run (``tpo_options``: run_tpo's keywords, for harnesses)."""
         if not getattr(finetuning_args, "tpo_routed", False):
             return run_dpo(model_args, data_args, training_args, finetuning_args, callbacks)
 
@@ -83,7 +82,7 @@ def patch_tuner(tuner: ModuleType) -> bool:
         del finetuning_args.tpo_routed
         from ..training.workflow import run_tpo
 
-        return run_tpo(model_args, data_args, training_args, finetuning_args, callbacks)
+        return run_tpo(model_args, data_args, training_args, finetuning_args, callbacks, **tpo_options)
 
     tuner.get_train_args = get_train_args_with_tpo
     tuner.run_dpo = run_dpo_or_tpo

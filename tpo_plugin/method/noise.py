@@ -1,4 +1,4 @@
-"""Corrupting one image with forward-diffusion noise (TPO_METHOD §1).
+"""Corrupting one image with forward-diffusion noise (docs/method.md §1).
 
 The noise is added in [0, 1] pixel space to an image that is already opened and resized, clamped to
 [0, 1] (the reference code wraps around instead) and quantised back to 8 bits, so the corrupted image
@@ -19,7 +19,7 @@ NUM_NOISE_STEPS = 1000
 
 
 def noise_schedule(num_steps: int = NUM_NOISE_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Return ``(sqrt(alpha_bar_k), sqrt(1 - alpha_bar_k))`` for k = 0 .. num_steps - 1 (TPO_METHOD §1).
+    r"""Return ``(sqrt(alpha_bar_k), sqrt(1 - alpha_bar_k))`` for k = 0 .. num_steps - 1 (docs/method.md Eq. 1).
 
     ``beta_t = sigmoid(linspace(-6, 6, T)) * (5e-3 - 1e-5) + 1e-5`` and ``alpha_bar_k = prod_{i<=k} (1 - beta_i)``.
     """
@@ -34,7 +34,7 @@ _SQRT_ALPHA_BAR, _SQRT_ONE_MINUS_ALPHA_BAR = noise_schedule()
 def add_diffusion_noise(image: torch.Tensor, noise: torch.Tensor, noise_step: int) -> torch.Tensor:
     r"""Forward diffusion to step k, clamped to pixel range: ``clamp(sqrt(ab_k) v + sqrt(1 - ab_k) eps, 0, 1)``.
 
-    ``image`` holds pixel values in [0, 1]; ``noise`` is standard normal of the same shape (TPO_METHOD §1).
+    ``image`` holds pixel values in [0, 1]; ``noise`` is standard normal of the same shape (docs/method.md Eq. 2).
     """
     signal_scale = _SQRT_ALPHA_BAR[noise_step].item()
     noise_scale = _SQRT_ONE_MINUS_ALPHA_BAR[noise_step].item()

@@ -1,4 +1,4 @@
-"""The TPO objective as pure tensor functions (TPO_METHOD §2-§4).
+"""The TPO objective as pure tensor functions (docs/method.md §2–§4).
 
 Shapes: ``B`` sequences (all chosen rows first, then all rejected rows, as LLaMA-Factory's pairwise
 collator orders them), ``T`` token positions, ``V`` vocabulary entries.
@@ -64,7 +64,7 @@ class _ResponseTokenLogits(torch.autograd.Function):
 
 
 def target_token_scores(logits: torch.Tensor, labels: torch.Tensor) -> TokenScores:
-    r"""Target-token logit and log-probability of each response token (TPO_METHOD §2 and §4).
+    r"""Target-token logit and log-probability of each response token (docs/method.md §2 and §4).
 
     Position t of ``logits`` predicts token t + 1 of ``labels``; the result has T = L - 1 positions.
     ``log p = z_target - logsumexp(z)`` is computed only where ``labels`` marks a response token, in
@@ -88,7 +88,7 @@ def target_token_scores(logits: torch.Tensor, labels: torch.Tensor) -> TokenScor
 
 
 def first_scored_position(labels: torch.Tensor) -> int:
-    """The first position whose logits score a response token in any row (TPO_METHOD §4 scores no other).
+    """The first position whose logits score a response token in any row (docs/method.md §4 scores no other).
 
     Position t predicts label t + 1, so it is one before the earliest response label; 0 if there is none.
     """
@@ -99,7 +99,7 @@ def first_scored_position(labels: torch.Tensor) -> int:
 
 
 def visual_score(clean: torch.Tensor, corrupted: torch.Tensor) -> torch.Tensor:
-    r"""Visual-anchored score ``s_i = z(y_i | x, v) - z(y_i | x, v_k)`` (TPO_METHOD §2).
+    r"""Visual-anchored score ``s_i = z(y_i | x, v) - z(y_i | x, v_k)`` (docs/method.md §2, Eq. 3).
 
     Works on logits (the reference code's choice) or on log-probabilities alike.
     """
@@ -130,7 +130,7 @@ def log_token_weight(score: torch.Tensor, rejected: bool, offset: float) -> torc
 def sequence_logps(
     token_logps: torch.Tensor, token_log_weights: torch.Tensor, mask: torch.Tensor, average: bool = False
 ) -> torch.Tensor:
-    r"""``sum_i [log p(y_i) + log c_i]`` over the response tokens of each sequence (TPO_METHOD §4).
+    r"""``sum_i [log p(y_i) + log c_i]`` over the response tokens of each sequence (docs/method.md Eq. 6).
 
     ``log(p * c) = log p + log c``: the token weight multiplies the token probability. With
     ``average`` the sum is divided by the number of response tokens (the IPO loss uses means).
@@ -144,7 +144,7 @@ def sequence_logps(
 def weighted_sequence_logps(
     token_logps: torch.Tensor, token_weights: torch.Tensor, mask: torch.Tensor, average: bool = False
 ) -> torch.Tensor:
-    r"""``sum_i c_i * log p(y_i)`` over the response tokens of each sequence (TPO_METHOD §4, multiplicative).
+    r"""``sum_i c_i * log p(y_i)`` over the response tokens of each sequence (docs/method.md Eq. 9, multiplicative).
 
     The weight scales the token's log-probability, hence its gradient, as RLHF-V's DDPO weights tokens; the
     caller passes detached weights. With ``average`` the sum is divided by the number of response tokens.
@@ -162,7 +162,7 @@ def preference_losses(
     beta: float,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    r"""Per-pair loss on the TPO margin ``h = beta * (chosen_logratio - rejected_logratio)`` (TPO_METHOD §4).
+    r"""Per-pair loss on the TPO margin ``h = beta * (chosen_logratio - rejected_logratio)`` (docs/method.md §5).
 
     Each log-ratio is ``sum [log p_theta - log p_ref + log c_theta - log c_ref]`` of one response.
 
@@ -186,7 +186,7 @@ def clip_log_weight_change(
 ) -> torch.Tensor:
     r"""``log c^ref + clamp(log c^theta - log c^ref, -bound, bound)`` per token (the ``tpo_weight_clip`` guard).
 
-    The weight term of the margin, ``sum (log c^theta - log c^ref)`` (TPO_METHOD §4), rewards the policy for
+    The weight term of the margin, ``sum (log c^theta - log c^ref)`` (docs/method.md §6), rewards the policy for
     making its tokens more image-dependent, without limit: each token's share of that reward is bounded here
     by ``bound > 0``, and a token past the bound gets no gradient through its weight, so the policy stops being
     paid for inflating its visual scores further.
@@ -197,7 +197,7 @@ def clip_log_weight_change(
 def weight_term_share(weight_margin: torch.Tensor, logp_margin: torch.Tensor) -> torch.Tensor:
     r"""Share of a batch's margins that comes from the token weights: ``sum |w| / sum (|w| + |p|)``.
 
-    Per pair, the log-ratio margin of TPO_METHOD §4 splits into ``w``, the chosen minus rejected
+    Per pair, the log-ratio margin of docs/method.md Eq. 7 splits into ``w``, the chosen minus rejected
     ``sum (log c^theta - log c^ref)``, and ``p``, the same difference of ``sum (log p^theta - log p^ref)``;
     the share is 0 when the policy still equals the reference (both are 0).
     """
@@ -219,7 +219,7 @@ def token_visual_scores_and_log_weights(
     reward_on: str = "both",
     offset: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Visual scores ``s`` and log token weights ``log c`` of one model's response tokens (TPO_METHOD §2, §3).
+    r"""Visual scores ``s`` and log token weights ``log c`` of one model's response tokens (docs/method.md §2–§3).
 
     Rows are chosen then rejected sequences; ``has_image`` (B,) marks rows whose pair has an image.
     Rows without an image, the side that ``reward_on`` leaves out, and non-response positions get
@@ -287,7 +287,7 @@ def tpo_batch_loss(
     weighting: str = "log_additive",
     weight_clip: float = 0.0,
 ) -> TPOBatchLoss:
-    r"""The visual-aware DPO objective of a batch of n pairs (TPO_METHOD §4).
+    r"""The visual-aware DPO objective of a batch of n pairs (docs/method.md §4).
 
     ``log_additive`` (the paper's): policy and reference each weight their own tokens from their own clean
     and corrupted passes, ``sum [log p + log c]``; with ``detach_reward`` no gradient flows through the

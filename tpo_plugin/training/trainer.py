@@ -1,21 +1,18 @@
-"""The TPO trainer: LLaMA-Factory's DPO trainer with the visual-aware objective of TPO_METHOD §4.
+"""The TPO trainer: LLaMA-Factory's DPO trainer with the forward passes and the visual-aware objective of
+docs/method.md §4.
 
-Everything but the loss and the training loader's step keys (step_keys.py) is inherited from
-``CustomDPOTrainer`` (reference model preparation for DeepSpeed/FSDP/DDP, optimizer, scheduler, metric
-logging with the cross-rank mean), so TPO trains with the same options as ``stage: dpo``.
+Everything but the passes, the loss and its metrics is inherited: from ``CustomDPOTrainer`` (reference model
+preparation for DeepSpeed/FSDP/DDP, optimizer, scheduler, metric logging with the cross-rank mean), so TPO trains
+with the same options as ``stage: dpo``; from :class:`~.batch.step_keys.StepKeyedTraining` (the training
+loader's step keys) and :class:`~.run.checkpoints.CheckpointGuards` (what a checkpoint must be).
 """
 
-import math
-import os
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Optional
 
 import torch
-from datasets import Dataset
-from llamafactory.extras import logging
 from llamafactory.train.dpo.trainer import CustomDPOTrainer
 from llamafactory.train.trainer_utils import nested_detach
-from peft import PeftModel
 from transformers.integrations import is_deepspeed_zero3_enabled
 from typing_extensions import override
 
@@ -26,27 +23,18 @@ from ..method.objective import (
     target_token_scores,
     tpo_batch_loss,
 )
-from .collator import CORRUPTED_INPUTS_KEY, NOISE_KEY, PAIR_IMAGES_KEY
-from .corruption import EVAL_STEP_KEY, ImageCorrupter
-from .image_features import ImageFeatureCache, image_feature_owner, vision_path_is_frozen
-from .reference_scores import PAIR_KEY, ReferenceScores, pair_values
-from .stability import RunawayMonitor
-from .step_keys import StepKeyedDataset, StepKeyedSampler
-from .stopping import any_rank, stop_between_batches
+from .batch.collator import PairBatch
+from .batch.image_features import ImageFeatureCache, image_feature_owner, vision_path_is_frozen
+from .batch.keys import EVAL_STEP_KEY
+from .batch.step_keys import StepKeyedTraining
+from .reference.scores import ReferenceScores, pair_values
+from .run.checkpoints import NUMERICS_ADVICE, CheckpointGuards
+from .run.stability import RunawayMonitor
+from .run.stopping import any_rank
 
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-
-
-logger = logging.get_logger("llamafactory.train.tpo")
-
-_NUMERICS_ADVICE = "Lower `learning_rate` or check the bf16/fp16 settings, then resume with `resume_from_checkpoint`."
-
-
-def _has_full_weights(checkpoint: str) -> bool:
-    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-    return any(os.path.isfile(os.path.join(checkpoint, name)) for name in names)
 
 
 def concat_rows(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
@@ -101,18 +89,8 @@ def logits_from_position(model: "PreTrainedModel", first_position: int, mean_log
         handle.remove()
 
 
-class UnpackedBatch(NamedTuple):
-    """A collated TPO batch taken apart for the forward passes; rows chosen then rejected."""
-
-    inputs: dict[str, Any]  # the clean model inputs
-    corrupted_inputs: Optional[dict[str, Any]]  # the same with corrupted images; None when the batch has none
-    labels: torch.Tensor  # (2n, L)
-    has_image: torch.Tensor  # (2n,) bool: the row's pair has an image
-    pair_keys: Optional[list[str]]  # the pairs' keys, with tpo_precompute_ref
-
-
 class BatchTokenScores(NamedTuple):
-    """The per-token results of a step's forward passes, rows chosen then rejected (TPO_METHOD §2, §4)."""
+    """The per-token results of a step's forward passes, rows chosen then rejected (docs/method.md §2 and §4)."""
 
     policy_clean: TokenScores
     policy_corrupted: Optional[TokenScores]  # None when no rank's batch has an image
@@ -124,7 +102,7 @@ class BatchTokenScores(NamedTuple):
 
 
 def policy_weights_are_detached(finetuning_args: Any) -> bool:
-    """No gradient flows through c^theta: ``tpo_detach_reward``, or the multiplicative weighting (TPO_METHOD §4)."""
+    """No gradient flows through c^theta: ``tpo_detach_reward``, or the multiplicative weighting (docs/method.md §4)."""
     return finetuning_args.tpo_detach_reward or finetuning_args.tpo_weighting == "multiplicative"
 
 
@@ -142,20 +120,18 @@ def corrupted_pass_inputs(
     passes, or the ranks hang or fail in mismatched collectives. A rank whose batch has no image while another
     rank's has one runs its corrupted passes on its clean inputs, which reach the vision tower too (LLaMA-Factory's
     collator gives an image-less batch a fake image). Its rows have no image, so their visual score stays 0 and
-    their weight 1 (TPO_METHOD §3): the loss is that of skipping the passes.
+    their weight 1 (docs/method.md §3): the loss is that of skipping the passes.
     """
     if corrupted_inputs is not None or not images_on_any_rank:
         return corrupted_inputs
     return dict(inputs)
 
 
-class CustomTPOTrainer(CustomDPOTrainer):
-    def __init__(self, image_corrupter: ImageCorrupter, **kwargs):
-        self.image_corrupter = image_corrupter
+class CustomTPOTrainer(CheckpointGuards, StepKeyedTraining, CustomDPOTrainer):
+    """``data_collator`` must be a :class:`~.batch.collator.TPODataCollatorWithPadding`: it corrupts the images."""
+
+    def __init__(self, **kwargs):
         self.reference_scores: Optional[ReferenceScores] = None  # set by use_reference_scores
-        self.corrupted_in_step = False  # a training batch's corrupted inputs were built in the step, not the loader
-        if isinstance(kwargs.get("train_dataset"), Dataset):  # read by (index, step) keys: get_train_dataloader
-            kwargs["train_dataset"] = StepKeyedDataset(kwargs["train_dataset"])
         super().__init__(**kwargs)
         self.runaway_monitor = RunawayMonitor(self.accelerator)  # reads every training batch's metrics
         self.add_callback(self.runaway_monitor)
@@ -222,84 +198,15 @@ class CustomTPOTrainer(CustomDPOTrainer):
             raise FloatingPointError(
                 f"Stage tpo stopped at step {self.state.global_step + 1}: the loss or a visual score is not finite "
                 f"(nan/inf). This step did not update the weights and wrote no checkpoint; checkpoints already "
-                f"saved in {self.args.output_dir} are intact. {_NUMERICS_ADVICE}"
+                f"saved in {self.args.output_dir} are intact. {NUMERICS_ADVICE}"
             )
 
-    @override
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        # transformers 5.6's Trainer reloads full weights with a plain load_state_dict, without the key mapping
-        # from_pretrained applies (e.g. Qwen2-VL saves `model.layers.*` for `model.language_model.layers.*`):
-        # every key is missed and the resumed run silently restarts from the initial weights. Reload through
-        # from_pretrained instead; adapters (PEFT), DeepSpeed and FSDP checkpoints take the usual path.
-        unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
-        if isinstance(unwrapped, PeftModel) or not _has_full_weights(resume_from_checkpoint):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-
-        reloaded = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=unwrapped.dtype, device_map="cpu")
-        unwrapped.load_state_dict(reloaded.state_dict(), strict=True)
-
-    @override
-    def _save_checkpoint(self, model, trial):
-        # An update can turn weights non-finite while its own loss was finite: never save such weights.
-        trainable = [param for param in self.model.parameters() if param.requires_grad]
-        if any_rank(self.accelerator, torch.stack([~torch.isfinite(param).all() for param in trainable]).any()):
-            raise FloatingPointError(
-                f"Stage tpo stopped at step {self.state.global_step}: the update made weights non-finite (nan/inf), "
-                f"so checkpoint-{self.state.global_step} was not written; checkpoints already saved in "
-                f"{self.args.output_dir} are intact. {_NUMERICS_ADVICE}"
-            )
-        return super()._save_checkpoint(model, trial)
-
-    @override
-    def get_train_dataloader(self):
-        """The usual training loader, its sampler wrapped so that each sample carries the step it trains at.
-
-        The collator then corrupts a batch's images with the step's noise in the loader's workers (step_keys.py).
-        Accelerate's ``set_sampler`` replaces the index sampler under its batch sampler (and its process shard),
-        after it has made the sampler seedable, so the data order is unchanged.
-        """
-        loader = super().get_train_dataloader()
-        sampler = loader.get_sampler() if hasattr(loader, "get_sampler") else None
-        if sampler is None or not isinstance(loader.dataset, StepKeyedDataset):  # streamed data, another loader:
-            return loader  # the trainer corrupts each batch in its step (_unpack_batch)
-
-        accumulation = self.args.gradient_accumulation_steps
-        updates_per_epoch = max(math.ceil(len(loader) / accumulation), 1)  # as transformers' Trainer counts them
-        samples_per_step = self._train_batch_size * self.accelerator.num_processes * accumulation
-        loader.set_sampler(
-            StepKeyedSampler(
-                sampler,
-                samples_per_step,
-                # The epoch's first step, also when a resumed run starts inside the epoch.
-                lambda: self.state.global_step // updates_per_epoch * updates_per_epoch,
-            )
-        )
-        return loader
-
-    def _unpack_batch(self, batch: dict[str, Any], step_key: int) -> UnpackedBatch:
-        """A collated batch as model inputs (clean and corrupted), labels, image flags and pair keys.
-
-        The collator has built the corrupted inputs, in the data loader's workers; when it did not know the
-        step the batch trains at (its noise key is not this step's), they are built here.
-        """
-        inputs = nested_detach(dict(batch), clone=True)  # the forward passes must not alter the batch
-        pair_images = inputs.pop(PAIR_IMAGES_KEY)
-        pair_keys = inputs.pop(PAIR_KEY, None)
-        labels = inputs.pop("labels")
-        has_image = torch.tensor([len(images) > 0 for images in pair_images] * 2, device=labels.device)
-        corrupted_mm_inputs = inputs.pop(CORRUPTED_INPUTS_KEY, None)
-        if inputs.pop(NOISE_KEY, None) != self.image_corrupter.noise_key(step_key):
-            if not self.corrupted_in_step:
-                self.corrupted_in_step = True
-                logger.info(
-                    f"Stage tpo, step {step_key + 1}: the data loader did not know which step this batch trains "
-                    f"at, so its images were corrupted in the step (same result, only slower); said once per run."
-                )
-            corrupted_mm_inputs = self.image_corrupter.corrupted_inputs(pair_images, inputs, step_key)
-        corrupted_inputs = None
-        if corrupted_mm_inputs is not None:
-            corrupted_inputs = {**inputs, **self._prepare_inputs(corrupted_mm_inputs)}
-        return UnpackedBatch(inputs, corrupted_inputs, labels, has_image, pair_keys)
+    def _unpack_batch(self, batch: dict[str, Any], step_key: int) -> PairBatch:
+        """A collated batch as model inputs, corrupted model inputs (the step's noise), labels, image flags, keys."""
+        pairs = self.data_collator.unpack(nested_detach(dict(batch), clone=True), step_key)  # passes must not alter it
+        if pairs.corrupted_inputs is None:
+            return pairs
+        return pairs._replace(corrupted_inputs=self._prepare_inputs(pairs.corrupted_inputs))  # built on the CPU
 
     @torch.no_grad()
     def _reference_token_scores(
@@ -317,53 +224,19 @@ class CustomTPOTrainer(CustomDPOTrainer):
             return scores
 
     @torch.no_grad()
-    def compute_reference_scores(
-        self, datasets: list[Any], digest: str, stop_requested: Callable[[], bool] = lambda: False
-    ) -> ReferenceScores:
-        """The reference's token scores of every pair of ``datasets``, in one no-grad pass (``tpo_precompute_ref``).
-
-        Called when training begins, once DeepSpeed or DDP has wrapped the model. Each rank scores every
-        ``num_processes``-th pair, all ranks the same number of batches (the last pairs repeat), so that under
-        ZeRO-3 every rank runs the same forwards; the results are gathered on all ranks. Between batches all
-        ranks stop together (``PassInterrupted``) once any was asked to: at real scale the pass takes hours.
-        """
-        from accelerate.utils import gather_object
-        from tqdm import tqdm
-
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        batch_size = max(1, self.args.per_device_eval_batch_size)
+    def reference_pair_values(self, features: list[dict[str, Any]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """What the reference store keeps of these dataset rows: per pair key, the reference's token scores with
+        the noise of an evaluation step (:func:`~.reference.scores.compute_reference_scores` runs this per batch)."""
+        pairs = self._unpack_batch(self._prepare_inputs(self.data_collator(features)), EVAL_STEP_KEY)
+        images_on_any_rank = any_rank(self.accelerator, pairs.corrupted_inputs is not None)
+        corrupted_inputs = corrupted_pass_inputs(pairs.inputs, pairs.corrupted_inputs, images_on_any_rank)
+        self.image_features.clear()
         with_corrupted = reference_weights_are_used(self.finetuning_args)
-        items = [(dataset, row) for dataset in datasets for row in range(len(dataset))]
-        shard = items[rank::world]
-        shard += shard[-1:] * (-(-len(items) // world) - len(shard))  # equal length on every rank
-        was_training = self.model.training
-        self.model.eval()  # as LLaMA-Factory prepares a separate reference model: no dropout
-        values = {}
-        try:
-            starts = range(0, len(shard), batch_size)
-            for done, start in enumerate(
-                tqdm(starts, desc="Reference scores", disable=not self.is_local_process_zero())
-            ):
-                stop_between_batches(self.accelerator, stop_requested, done, len(starts))
-                features = [dict(dataset[row]) for dataset, row in shard[start : start + batch_size]]
-                pairs = self._unpack_batch(self._prepare_inputs(self.data_collator(features)), EVAL_STEP_KEY)
-                images_on_any_rank = any_rank(self.accelerator, pairs.corrupted_inputs is not None)
-                corrupted_inputs = corrupted_pass_inputs(pairs.inputs, pairs.corrupted_inputs, images_on_any_rank)
-                self.image_features.clear()
-                clean, corrupted = self._reference_token_scores(
-                    self.model_wrapped, pairs.inputs, corrupted_inputs if with_corrupted else None, pairs.labels
-                )
-                values.update(zip(pairs.pair_keys, pair_values(clean, corrupted, pairs.has_image), strict=True))
-        finally:
-            self.image_features.clear()
-            self.model.train(was_training)
-
-        if world > 1:
-            gathered = {}
-            for part in gather_object([values]):
-                gathered.update(part)
-            values = gathered
-        return ReferenceScores(digest, values)
+        clean, corrupted = self._reference_token_scores(
+            self.model_wrapped, pairs.inputs, corrupted_inputs if with_corrupted else None, pairs.labels
+        )
+        self.image_features.clear()
+        return dict(zip(pairs.pair_keys, pair_values(clean, corrupted, pairs.has_image), strict=True))
 
     def use_reference_scores(self, scores: ReferenceScores) -> None:
         """From now on the reference model is never run: its scores come from ``scores``.
@@ -380,13 +253,13 @@ class CustomTPOTrainer(CustomDPOTrainer):
     def batch_token_scores(
         self, model: "PreTrainedModel", batch: dict[str, Any], step_key: int, reference_scores: bool = False
     ) -> BatchTokenScores:
-        """Every forward pass of a TPO step: clean and corrupted, policy and reference (TPO_METHOD §2, §4).
+        """Every forward pass of a TPO step: clean and corrupted, policy and reference (docs/method.md §2 and §4).
 
         ``step_key`` keys the corruption noise: the global step while training, ``EVAL_STEP_KEY`` otherwise.
         The reference's corrupted pass runs only when its weights enter the loss, or when ``reference_scores``
         asks for them. Whenever any rank's batch has an image, every rank runs the corrupted passes
         (:func:`corrupted_pass_inputs`). The training loss and the per-token view
-        (:mod:`tpo_plugin.training.token_view`) both start here.
+        (:mod:`tpo_plugin.training.diagnostics.token_view`) both start here.
         """
         inputs, corrupted_inputs, labels, has_image, pair_keys = self._unpack_batch(batch, step_key)
         images_on_any_rank = any_rank(self.accelerator, corrupted_inputs is not None)  # every rank calls this
@@ -416,23 +289,13 @@ class CustomTPOTrainer(CustomDPOTrainer):
         )
 
     @override
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        # A training logging step (LLaMA-Factory's DPO trainer tells them by "loss") also records the per-token
-        # view of the fixed pairs; with tpo_log_tokens: 0 nothing else happens.
-        if self.finetuning_args.tpo_log_tokens > 0 and "loss" in logs:
-            from .token_view import log_token_view
-
-            log_token_view(self)
-        return super().log(logs, *args, **kwargs)
-
-    @override
     def get_batch_loss_metrics(
         self,
         model: "PreTrainedModel",
         batch: dict[str, Any],
         train_eval: Literal["train", "eval"] = "train",
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        r"""TPO loss (TPO_METHOD §4) and the DPO metrics plus ``tpo/score_*`` and ``tpo/weight_*``."""
+        r"""TPO loss (docs/method.md §4) and the DPO metrics plus ``tpo/score_*`` and ``tpo/weight_*``."""
         args = self.finetuning_args
         step_key = self.state.global_step if train_eval == "train" else EVAL_STEP_KEY
         policy_clean, policy_corrupted, ref_clean, ref_corrupted, has_image, policy_mean_logits, labels = (

@@ -94,7 +94,7 @@ def check_tpo_args(args: dict[str, Any]) -> str:
     images shows only once the data is loaded: the training process checks that before it loads the model,
     and its message reaches the output box.
     """
-    from ..training.data_checks import check_data_arguments
+    from ..training.checks.data import check_data_arguments
 
     try:
         check_data_arguments(_parse_tpo_args(args))
@@ -119,15 +119,15 @@ def _check_template(template_name: str | None) -> None:
     """A template without an image plugin cannot feed images to the model (unknown names: left to the CLI)."""
     from llamafactory.data import TEMPLATES
 
-    from ..training.data_checks import check_image_template
+    from ..training.checks.data import check_image_template
 
     if template_name in TEMPLATES:
         check_image_template(TEMPLATES[template_name], template_name)
 
 
 def _english_help(key: str) -> str:
-    """The YAML key's help text, without references to TPO_METHOD.md, which UI users do not have at hand."""
-    return re.sub(r" \(TPO_METHOD §\d+\)", "", _HELP[key])
+    """The YAML key's help text, without its pointers into docs/method.md, which a tooltip cannot link."""
+    return re.sub(r" \(docs/method\.md[^)]*\)", "", _HELP[key])
 
 
 # label and info of each panel element, in LlamaBoard's five languages; English help is the YAML help text.

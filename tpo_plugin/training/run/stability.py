@@ -1,7 +1,7 @@
-"""The stability monitor: warn once when TPO's self-calibrated weight term runs away (README, Stability).
+"""The stability monitor: warn once when TPO's self-calibrated weight term runs away (docs/stability.md).
 
 The log-additive objective's margin holds, besides DPO's log-probability ratios, the weight term
-``sum (log c^theta - log c^ref)`` (TPO_METHOD §4), and it has a gradient of its own: the policy earns margin by
+``sum (log c^theta - log c^ref)`` (docs/method.md §6, Eq. 14), and it has a gradient of its own: the policy earns margin by
 making its tokens' logits more image-dependent (raising its visual scores ``s``), with nothing to stop it. The
 trainer logs ``tpo/score_drift_chosen`` and ``tpo/score_drift_rejected`` (the policy's mean visual score minus
 the reference's on the same tokens) and ``tpo/weight_term_share`` (the share of the margins that comes from the
@@ -20,7 +20,7 @@ from llamafactory.extras import logging
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .run_settings import resumed_checkpoint
+from .settings import resumed_checkpoint
 
 
 logger = logging.get_logger("llamafactory.train.tpo")

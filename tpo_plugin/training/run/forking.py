@@ -1,7 +1,7 @@
 """Keep processes forked after torch has run from deadlocking in torch's CPU thread pool.
 
 Stage tpo runs the image processor in the main process before LLaMA-Factory tokenises (the data checks
-expand every image into its tokens, see :mod:`.data_checks`). An image larger than a few thousand pixels
+expand every image into its tokens, see :mod:`..checks.data`). An image larger than a few thousand pixels
 makes that torch work parallel, so torch's OpenMP thread pool starts in the main process. LLaMA-Factory's
 ``get_dataset`` then forks ``preprocessing_num_workers`` map workers (``datasets`` with ``num_proc``), and
 a fork copies the pool's bookkeeping but none of its threads: the first parallel torch operation in a

@@ -1,4 +1,4 @@
-"""The corrupted multimodal inputs of a training batch (TPO_METHOD §1).
+"""The corrupted multimodal inputs of a training batch (docs/method.md §1): the one place that draws noise.
 
 Each image is corrupted (:func:`tpo_plugin.method.noise.corrupt_image`) after LLaMA-Factory has opened
 and resized it, and then goes through the model family's own image processor exactly like the clean
@@ -14,29 +14,17 @@ from typing import Any, Optional
 import torch
 from PIL import Image
 
-from ..compat import SUPPORTED_LLAMAFACTORY, IncompatibleLlamaFactoryError
-from ..method.noise import corrupt_image
+from ...integration.internals import image_resizer
+from ...method.noise import corrupt_image
 from .image_modes import eight_bit_rgb, open_image
-
-
-EVAL_STEP_KEY = -1  # every evaluation uses the same noise, so evaluations at different steps compare
-SAMPLE_KEY = -2  # with `tpo_noise_per: sample` every step and evaluation uses this key: one noise per image
+from .keys import SAMPLE_KEY
 
 
 def regularize_images(mm_plugin: Any, images: list[Any], processor: Any) -> list[Image.Image]:
-    """Open and resize images exactly as ``mm_plugin.get_mm_inputs`` does (LLaMA-Factory 0.9.5, ``_get_mm_inputs``),
-    after converting the modes its ``convert("RGB")`` destroys (16-bit, float, alpha) to the 8-bit RGB they show."""
-    regularize = getattr(mm_plugin, "_regularize_images", None)
-    if regularize is None:
-        raise IncompatibleLlamaFactoryError(
-            f"tpo-plugin expects `{type(mm_plugin).__name__}._regularize_images` "
-            f"(LLaMA-Factory {SUPPORTED_LLAMAFACTORY}); the installed LLaMA-Factory does not have it."
-        )
-    return regularize(
-        [eight_bit_rgb(open_image(image)) for image in images],
-        image_max_pixels=getattr(processor, "image_max_pixels", 768 * 768),
-        image_min_pixels=getattr(processor, "image_min_pixels", 32 * 32),
-    )["images"]
+    """Open and resize images exactly as ``mm_plugin.get_mm_inputs`` does, after converting the modes its
+    ``convert("RGB")`` destroys (16-bit, float, alpha) to the 8-bit RGB they show."""
+    resize = image_resizer(mm_plugin, processor)
+    return resize([eight_bit_rgb(open_image(image)) for image in images])
 
 
 class ImageCorrupter:

@@ -13,15 +13,12 @@ from io import BytesIO
 from typing import TYPE_CHECKING, Any, Optional
 
 from datasets import Features, Sequence, Value
-from llamafactory.data import loader
-from llamafactory.data.parser import get_dataset_list
-from llamafactory.data.processor.processor_utils import infer_seqlen
 from llamafactory.extras import logging
 from llamafactory.extras.constants import IMAGE_PLACEHOLDER
 from PIL import Image
 
-from ..compat import require
-from .image_modes import mode_problem
+from ...integration.internals import aligned_datasets, dataset_attributes, kept_lengths
+from ..batch.image_modes import mode_problem
 
 
 if TYPE_CHECKING:
@@ -122,7 +119,7 @@ class ImageTokenBudget:
 
     LLaMA-Factory's ``PairwiseDatasetProcessor._encode_data_example`` (0.9.5) expands the images into
     tokens with ``mm_plugin.process_messages`` (after ``_regularize_images``, so ``image_max_pixels`` counts),
-    then keeps the first ``infer_seqlen(...)[0]`` prompt tokens: a cut through the image tokens crashes only
+    then keeps the first ``kept_lengths(...)[0]`` prompt tokens: a cut through the image tokens crashes only
     once the model runs. This repeats that encoding, without the model.
     """
 
@@ -137,13 +134,13 @@ class ImageTokenBudget:
         prompt_ids, answer_len = self._encode(row, images)
         positions = [index for index, token in enumerate(prompt_ids) if token == self.image_token_id]
         needed = positions[-1] + 1 if positions else 0
-        kept, _ = infer_seqlen(len(prompt_ids), answer_len, self.cutoff_len)
+        kept, _ = kept_lengths(len(prompt_ids), answer_len, self.cutoff_len)
         if kept >= needed:
             return None
         enough = next(
             cutoff
             for cutoff in range(self.cutoff_len + 1, len(prompt_ids) + answer_len + 1)
-            if infer_seqlen(len(prompt_ids), answer_len, cutoff)[0] >= needed
+            if kept_lengths(len(prompt_ids), answer_len, cutoff)[0] >= needed
         )
         return (
             f"needs {len(positions)} image tokens for its {len(images)} image(s) in a prompt of {len(prompt_ids)} "
@@ -253,7 +250,7 @@ def dataset_file_problems(data_args: "DataArguments") -> list[str]:
     """Local JSON / JSON-lines dataset files that LLaMA-Factory's loader would fail on, with the reason."""
     problems = []
     for names in (data_args.dataset, data_args.eval_dataset):
-        for name, attr in zip(names or [], get_dataset_list(names, data_args.dataset_dir), strict=True):
+        for name, attr in zip(names or [], dataset_attributes(names, data_args.dataset_dir), strict=True):
             if attr.load_from != "file":
                 continue
             path = os.path.join(data_args.dataset_dir, attr.dataset_name)
@@ -326,7 +323,7 @@ def check_data_arguments(data_args: "DataArguments") -> None:
 def check_ranking_datasets(data_args: "DataArguments") -> None:
     """TPO trains on preference pairs: every dataset must be marked ``"ranking": true``."""
     for names in (data_args.dataset, data_args.eval_dataset):
-        for name, dataset_attr in zip(names or [], get_dataset_list(names, data_args.dataset_dir), strict=True):
+        for name, dataset_attr in zip(names or [], dataset_attributes(names, data_args.dataset_dir), strict=True):
             if not dataset_attr.ranking:
                 raise ValueError(
                     f"Dataset `{name}` ({dataset_attr}) is not a ranking (preference) dataset, but stage tpo "
@@ -376,11 +373,3 @@ def check_pairs(
                 f"{without_image} of {num_pairs} {split} pairs have no image; "
                 "they train as plain DPO pairs (weight 1)."
             )
-
-
-def aligned_datasets(dataset_names: list[str] | None, model_args: Any, data_args: Any, training_args: Any) -> dict:
-    """Each dataset as LLaMA-Factory aligns it before tokenising (``_prompt``, ``_response``, ``_images`` ...)."""
-    if not dataset_names:
-        return {}
-    merged = require(loader, "_get_merged_dataset")
-    return merged(dataset_names, model_args, data_args, training_args, stage="rm", return_dict=True)

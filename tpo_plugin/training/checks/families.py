@@ -7,7 +7,7 @@ trained architecture, a family whose checkpoints bring their own modelling code 
 transformers config), or one not tried yet. Those may well work (TPO corrupts images before the family's own
 image processor, so any plugin that returns pixel tensors can be corrupted), but nothing here has shown it: the
 run goes ahead with a warning that says so. A template whose multimodal plugin handles no images at all is refused
-by ``data_checks.check_image_template``.
+by ``checks.data.check_image_template``.
 
 LLaMA-Factory 0.9.5 has no template for Idefics3 / SmolVLM or LLaVA-OneVision, so neither can be trained through
 ``llamafactory-cli`` at all, with any stage.

@@ -24,13 +24,13 @@ from llamafactory.extras import logging
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
-from ..hparams.tpo_args import tpo_defaults
+from ...hparams.tpo_args import tpo_defaults
 
 
 if TYPE_CHECKING:
     from transformers import Seq2SeqTrainingArguments, TrainerState
 
-    from ..hparams.tpo_args import TPOFinetuningArguments
+    from ...hparams.tpo_args import TPOFinetuningArguments
 
 
 logger = logging.get_logger("llamafactory.train.tpo")

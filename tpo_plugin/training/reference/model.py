@@ -14,7 +14,7 @@ from llamafactory.model import load_config, load_tokenizer
 
 
 if TYPE_CHECKING:
-    from ..hparams.tpo_args import TPOFinetuningArguments
+    from ...hparams.tpo_args import TPOFinetuningArguments
 
 # Config fields that fix how many tokens an image becomes, and which token it is.
 IMAGE_LAYOUT = ("image_token_id", "image_token_index", "mm_tokens_per_image", "image_seq_length")

@@ -1,6 +1,6 @@
 """Pages and terminal text that show per-token TPO weights: pure functions of the token views, no torch.
 
-A token is coloured by its weight ``c`` (TPO_METHOD §3) on a diverging map around 1: blue below (the token
+A token is coloured by its weight ``c`` (docs/method.md §3) on a diverging map around 1: blue below (the token
 counts less), white at 1 (as in DPO), red above (it counts more); its visual score ``s`` shows on hover.
 Everything is inline (CSS, SVG, images as base64 PNG), so a page opens without network.
 """

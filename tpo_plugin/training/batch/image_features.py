@@ -1,4 +1,4 @@
-"""Encode each image once per training step instead of once per row and forward (TPO_METHOD §8).
+"""Encode each image once per training step instead of once per row and forward (docs/method.md §10).
 
 A TPO step puts every image of a pair through the vision tower eight times if nothing is shared: in the
 chosen and in the rejected row, clean and corrupted, for the policy and for the reference model. For a

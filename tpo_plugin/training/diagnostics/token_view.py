@@ -1,8 +1,9 @@
-"""The per-token visual scores, weights and log-probabilities of pairs, computed with the trainer's own passes.
+"""The per-token visual scores, weights and log-probabilities of pairs, computed with the trainer's own passes,
+and the token log that ``tpo_log_tokens`` keeps of them during training (:class:`TokenLogCallback`).
 
-:meth:`CustomTPOTrainer.batch_token_scores` runs exactly the forwards of a TPO step (same corruption, noise
+The trainer's ``batch_token_scores`` runs exactly the forwards of a TPO step (same corruption, noise
 keyed as an evaluation step, same batching) and :func:`token_visual_scores_and_log_weights` turns them into
-``s`` and ``log c`` (TPO_METHOD §2, §3), for the policy and for the reference model. ``tpo-plugin inspect`` and
+``s`` and ``log c`` (docs/method.md §2–§3), for the policy and for the reference model. ``tpo-plugin inspect`` and
 ``tpo_log_tokens`` both read them from here, so what they show is what the loss uses.
 """
 
@@ -13,16 +14,15 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from llamafactory.extras import logging
+from transformers import TrainerCallback
 
-from ..method.objective import IGNORE_INDEX, TokenScores, token_visual_scores_and_log_weights
-from .corruption import EVAL_STEP_KEY
-from .run_settings import resumed_checkpoint
+from ...method.objective import IGNORE_INDEX, TokenScores, token_visual_scores_and_log_weights
+from ..batch.keys import EVAL_STEP_KEY
+from ..run.settings import resumed_checkpoint
 
 
 if TYPE_CHECKING:
     from transformers import Seq2SeqTrainingArguments
-
-    from .trainer import CustomTPOTrainer
 
 
 logger = logging.get_logger("llamafactory.train.tpo")
@@ -32,7 +32,7 @@ SIDES = ("chosen", "rejected")
 LOGGED = ("tokens", "visual_score", "weight")  # per side and step in tpo_tokens.jsonl
 
 
-def reference_description(trainer: "CustomTPOTrainer") -> str:
+def reference_description(trainer: Any) -> str:
     """Which model is the reference, in words (the trainer's ``_reference_context`` picks it the same way)."""
     ref_model = trainer.finetuning_args.ref_model
     if trainer.ref_model is None:
@@ -54,7 +54,7 @@ def _side_values(scores: TokenScores, score: torch.Tensor, log_weight: torch.Ten
 
 
 @torch.no_grad()
-def batch_token_views(trainer: "CustomTPOTrainer", batch: dict[str, Any]) -> list[dict[str, Any]]:
+def batch_token_views(trainer: Any, batch: dict[str, Any]) -> list[dict[str, Any]]:
     """Per pair of a collated batch: each side's response token ids and the policy's and reference's s, c, log p.
 
     The model is put in eval mode (as an evaluation step runs it) and restored afterwards.
@@ -92,7 +92,7 @@ def batch_token_views(trainer: "CustomTPOTrainer", batch: dict[str, Any]) -> lis
     return views
 
 
-def pair_token_views(trainer: "CustomTPOTrainer", rows: list[dict[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
+def pair_token_views(trainer: Any, rows: list[dict[str, Any]], tokenizer: Any) -> list[dict[str, Any]]:
     """Token views of dataset rows (LLaMA-Factory's encoded pairs), collated by the trainer's own collator.
 
     Pairs go through the passes ``per_device_eval_batch_size`` at a time, as an evaluation would batch them.
@@ -110,7 +110,19 @@ def pair_token_views(trainer: "CustomTPOTrainer", rows: list[dict[str, Any]], to
     return views
 
 
-def log_token_view(trainer: "CustomTPOTrainer") -> None:
+class TokenLogCallback(TrainerCallback):
+    """At every training logging step, append the per-token s and c of the first ``tpo_log_tokens`` training
+    pairs to ``OUTPUT_DIR/tpo_tokens.jsonl`` (``tpo-plugin inspect --history`` renders it)."""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:  # a training logging step (evaluation logs `eval_loss`, the end `train_loss`)
+            log_token_view(self.trainer)
+
+
+def log_token_view(trainer: Any) -> None:
     """Append the per-token s and c of the first ``tpo_log_tokens`` training pairs to ``tpo_tokens.jsonl``.
 
     Every rank runs the passes (under ZeRO-3 or FSDP all ranks must run the same modules); rank 0 writes.

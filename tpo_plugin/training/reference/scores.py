@@ -1,7 +1,8 @@
-"""The reference model's token scores, computed once before training (``tpo_precompute_ref: true``).
+"""The reference model's token scores, computed once before training (``tpo_precompute_ref: true``): the store,
+the pass that computes it and the callback that loads or computes it when training begins.
 
 The TPO loss reads the reference model only through its clean and corrupted target-token scores on each
-answer's tokens (TPO_METHOD §2-§4). With one fixed corrupted copy per image (``tpo_noise_per: sample``) they
+answer's tokens (docs/method.md §2–§4). With one fixed corrupted copy per image (``tpo_noise_per: sample``) they
 are the same every time a pair is seen, so one no-grad pass over the training and evaluation pairs before
 training replaces the reference's forwards at every step, and a separate reference model can be freed.
 
@@ -15,18 +16,20 @@ import hashlib
 import json
 import os
 from importlib.metadata import version
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from llamafactory.extras import logging
+from transformers import TrainerCallback
 
-from ..method.objective import TokenScores
+from ...method.objective import TokenScores
+from ..batch.keys import PAIR_KEY
+from ..run.stopping import PassInterrupted, StopOnSignalCallback, any_rank, stop_between_batches
 
 
 logger = logging.get_logger("llamafactory.train.tpo")
 
 
-PAIR_KEY = "tpo_pair_key"  # dataset column (and batch key) naming each pair: "<split>/<row>"
 SCORES_FILE = "tpo_reference_scores.pt"
 # Per response token, in this order: clean logit, clean log p, corrupted logit, corrupted log p.
 NUM_FIELDS = 4
@@ -47,6 +50,23 @@ def add_pair_keys(dataset_module: dict[str, Any]) -> dict[str, Any]:
 
 def _with_keys(dataset: Any, prefix: str) -> Any:
     return dataset.add_column(PAIR_KEY, [f"{prefix}/{row}" for row in range(len(dataset))])
+
+
+def with_pair_keys(
+    dataset_module: dict[str, Any],
+    model_args: Any,
+    data_args: Any,
+    training_args: Any,
+    finetuning_args: Any,
+    objective: dict[str, Any],
+) -> tuple[dict[str, Any], list[Any], dict[str, Any]]:
+    """The datasets with pair keys, every dataset whose pairs need scores, and the identity of their scores."""
+    dataset_module = add_pair_keys(dataset_module)
+    datasets = keyed_datasets(dataset_module)
+    identity = reference_identity(
+        model_args, data_args, training_args, finetuning_args, objective, data_digest(datasets)
+    )
+    return dataset_module, datasets, identity
 
 
 def keyed_datasets(dataset_module: dict[str, Any]) -> list[Any]:
@@ -227,3 +247,88 @@ def pair_values(
         return torch.stack(fields).float().cpu()
 
     return [(row_values(pair), row_values(num_pairs + pair)) for pair in range(num_pairs)]
+
+
+@torch.no_grad()
+def compute_reference_scores(
+    trainer: Any, datasets: list[Any], digest: str, stop_requested: Callable[[], bool] = lambda: False
+) -> ReferenceScores:
+    """The reference's token scores of every pair of ``datasets``, in one no-grad pass over them.
+
+    Called when training begins, once DeepSpeed or DDP has wrapped the model; each batch goes through the
+    trainer's own reference passes (``trainer.reference_pair_values``). Each rank scores every
+    ``num_processes``-th pair, all ranks the same number of batches (the last pairs repeat), so that under
+    ZeRO-3 every rank runs the same forwards; the results are gathered on all ranks. Between batches all
+    ranks stop together (``PassInterrupted``) once any was asked to: at real scale the pass takes hours.
+    """
+    from accelerate.utils import gather_object
+    from tqdm import tqdm
+
+    accelerator = trainer.accelerator
+    rank, world = accelerator.process_index, accelerator.num_processes
+    batch_size = max(1, trainer.args.per_device_eval_batch_size)
+    items = [(dataset, row) for dataset in datasets for row in range(len(dataset))]
+    shard = items[rank::world]
+    shard += shard[-1:] * (-(-len(items) // world) - len(shard))  # equal length on every rank
+    was_training = trainer.model.training
+    trainer.model.eval()  # as LLaMA-Factory prepares a separate reference model: no dropout
+    values = {}
+    try:
+        starts = range(0, len(shard), batch_size)
+        for done, start in enumerate(
+            tqdm(starts, desc="Reference scores", disable=not trainer.is_local_process_zero())
+        ):
+            stop_between_batches(accelerator, stop_requested, done, len(starts))
+            values.update(
+                trainer.reference_pair_values(
+                    [dict(dataset[row]) for dataset, row in shard[start : start + batch_size]]
+                )
+            )
+    finally:
+        trainer.model.train(was_training)
+
+    if world > 1:
+        gathered = {}
+        for part in gather_object([values]):
+            gathered.update(part)
+        values = gathered
+    return ReferenceScores(digest, values)
+
+
+class ReferenceScoresCallback(TrainerCallback):
+    """When training begins (the model wrapped for DeepSpeed or DDP), load or compute the reference scores.
+
+    Stored scores are reused when their digest matches this run's, else every rank computes its share anew
+    and rank 0 stores them; from then on the trainer never runs the reference model. A stop signal during
+    the computation ends the run after the current batch, with nothing stored and nothing trained.
+    """
+
+    def __init__(
+        self, trainer: Any, datasets: list[Any], identity: dict[str, Any], stop_on_signal: StopOnSignalCallback
+    ):
+        self.trainer = trainer
+        self.datasets = datasets
+        self.identity = identity
+        self.stop_on_signal = stop_on_signal
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        digest = identity_digest(self.identity)
+        path = os.path.join(args.output_dir, SCORES_FILE)
+        scores = ReferenceScores.load(args.output_dir, digest)
+        if any_rank(self.trainer.accelerator, scores is None):
+            num_pairs = sum(len(dataset) for dataset in self.datasets)
+            reason = "they are not stored yet" if not os.path.isfile(path) else "what they depend on changed"
+            logger.info_rank0(f"Computing the reference scores of {num_pairs} pairs once ({reason}): {path}.")
+            try:
+                scores = compute_reference_scores(self.trainer, self.datasets, digest, self.stop_on_signal.requested)
+            except PassInterrupted as interrupted:
+                logger.warning_rank0(
+                    f"Interrupted while computing the reference scores, {interrupted}: nothing was stored and "
+                    f"nothing trained. Run the same command again to compute them."
+                )
+                raise SystemExit(self.stop_on_signal.exit_code()) from None
+            if args.should_save:
+                scores.save(args.output_dir, self.identity)
+        else:
+            logger.info_rank0(f"Reusing the reference scores stored in {path}.")
+        self.trainer.use_reference_scores(scores)

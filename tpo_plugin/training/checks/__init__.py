@@ -1,0 +1,1 @@
+"""What stage tpo refuses before the model is loaded, naming the dataset, sample, field or template."""
