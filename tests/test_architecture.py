@@ -190,7 +190,9 @@ def test_the_trainer_and_the_token_view_do_not_know_each_other():
 def test_inspect_loads_nothing_on_its_own():
     # The run builder loads tokenizer, data, model, reference model and trainer; the command only asks it.
     names = all_imported_names(PACKAGE / "commands" / "inspect.py")
-    assert not any(name.startswith(("llamafactory.data", "llamafactory.model", "llamafactory.train")) for name in names)
+    assert not any(
+        name.startswith(("llamafactory.data", "llamafactory.model", "llamafactory.train")) for name in names
+    )
     assert not any(name.endswith("training.trainer") for name in names)
     assert "training.workflow.build_tpo_run" in names
 

@@ -154,7 +154,7 @@ def test_two_torchrun_ranks_both_train_tpo(model_dirs, dataset_dir, tmp_path):
     assert result.returncode == 0 or exit_abort, output[-8000:]
     assert "Stage tpo on rank 0" in output and "Stage tpo on rank 1" in output
     assert "world size: 2" in output
-    assert "did not know which step" not in output  # each rank's loader knew its batches' steps (training/batch/step_keys.py)
+    assert "did not know which step" not in output  # each rank's loader knew its batches' steps (batch/step_keys.py)
     assert_tpo_logged(output_dir, steps=2)
     assert (output_dir / "adapter_model.safetensors").is_file()
 

@@ -2,8 +2,9 @@
 
 The plugin extends LLaMA-Factory where it has no public extension point (argument lists, the stage
 dispatch, the web UI) and reads a few of its private helpers (image resizing, dataset alignment, length
-cutting); all of that lives in :mod:`tpo_plugin.integration`. Each such place first calls :func:`require`, so a LLaMA-Factory whose internals moved fails at once, naming
-what is missing and the versions the plugin was written for, instead of training something else.
+cutting); all of that lives in :mod:`tpo_plugin.integration`. Each such place first calls :func:`require`, so a
+LLaMA-Factory whose internals moved fails at once, naming what is missing and the versions the plugin was written
+for, instead of training something else.
 """
 
 from importlib.metadata import PackageNotFoundError, version

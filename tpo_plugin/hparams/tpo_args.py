@@ -1,8 +1,8 @@
 """TPO's YAML keys, and LLaMA-Factory's ``FinetuningArguments`` extended with them and with ``stage: tpo``.
 
 Each key is a dataclass field whose ``help`` says meaning, range and default; docs/configuration.md is
-generated from these fields (``python docs/generate_configuration.py``, checked by a test). Values are validated in ``__post_init__``, that is while
-LLaMA-Factory parses the arguments and before any model or data is loaded.
+generated from these fields (``python docs/generate_configuration.py``, checked by a test). Values are validated
+in ``__post_init__``, that is while LLaMA-Factory parses the arguments and before any model or data is loaded.
 """
 
 import math

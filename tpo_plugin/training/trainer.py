@@ -102,7 +102,8 @@ class BatchTokenScores(NamedTuple):
 
 
 def policy_weights_are_detached(finetuning_args: Any) -> bool:
-    """No gradient flows through c^theta: ``tpo_detach_reward``, or the multiplicative weighting (docs/method.md §4)."""
+    """No gradient flows through c^theta: ``tpo_detach_reward``, or the multiplicative weighting (docs/method.md
+    Eq. 9)."""
     return finetuning_args.tpo_detach_reward or finetuning_args.tpo_weighting == "multiplicative"
 
 
