@@ -9,10 +9,11 @@ Decoding is greedy with at most 128 new tokens, as LLaVA's ``llava/eval/model_vq
 (``--temperature 0``, ``max_new_tokens=128``); these arguments come before the user's, so an explicit
 ``--temperature`` or ``--max_new_tokens`` overrides them.
 
-Batching: ``ChatModel.chat`` answers one conversation per call, so up to ``batch_size`` calls are made at once
-from as many threads. The vLLM and SGLang engines batch concurrent requests; LLaMA-Factory's HuggingfaceEngine
-runs one ``generate`` per request (and one request at a time, its ``MAX_CONCURRENT`` default), so with the
-Hugging Face backend the questions are answered one by one.
+Batching: with ``--infer_backend huggingface`` (LLaMA-Factory's default), ``batch_size`` questions are answered
+by one ``generate`` call on the engine's loaded model (:mod:`.batched_generation`: left padding, the family's
+processor, the template's prompt); greedy answers are those of one-at-a-time generation. With vLLM and SGLang,
+``ChatModel.chat`` answers one conversation per call, so up to ``batch_size`` calls are made at once from as many
+threads, and the engine batches them.
 
 Resuming: each answer is appended to ``answers.jsonl`` as soon as it arrives; ``generation.json`` records a
 digest of the prompts and the LLaMA-Factory arguments. A rerun into the same output directory asks only the
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .batched_generation import UNBATCHED_MODEL_TYPES, BatchedGenerator
 from .inputs import EvalInputError, Question, match_answers, read_records
 from .report import write_atomically
 
@@ -41,6 +43,8 @@ BENCHMARK_DECODING = ["--do_sample", "false", "--temperature", "0", "--max_new_t
 ANSWERS_FILE, GENERATION_FILE = "answers.jsonl", "generation.json"
 
 Answerer = Callable[[Question], str]
+"""Answers one question; an answerer with an ``answer_batch`` method (list of questions -> list of answers) is
+asked batches instead."""
 
 
 def prompt_for(question: Question, suffix: str) -> str:
@@ -128,6 +132,32 @@ def write_answers(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def write_answers_in_batches(
+    questions: list[Question],
+    answer_batch: Callable[[list[Question]], list[str]],
+    answers_path: Path,
+    id_field: str,
+    text_field: str,
+    batch_size: int,
+    total: int,
+) -> None:
+    """Ask ``answer_batch`` the questions ``batch_size`` at a time, in order, and append each batch's answers
+    ``{id_field, text_field}`` to ``answers_path`` as it arrives, with a progress bar over ``total``."""
+    with (
+        answers_path.open("a", encoding="utf-8") as file,
+        tqdm(total=total, initial=total - len(questions), unit="question", desc="answering") as progress,
+    ):
+        for start in range(0, len(questions), batch_size):
+            batch = questions[start : start + batch_size]
+            lines = [
+                json.dumps({id_field: question.id, text_field: text}, ensure_ascii=False) + "\n"
+                for question, text in zip(batch, answer_batch(batch), strict=True)
+            ]
+            file.write("".join(lines))  # whole lines only: a crash leaves at most a cut last line, dropped on resume
+            file.flush()
+            progress.update(len(batch))
+
+
 class LlamaFactoryAnswerer:
     """Answers a question about its image with :class:`llamafactory.chat.ChatModel`, loaded from LLaMA-Factory
     command-line arguments (``["--model_name_or_path", ..., "--template", ...]``)."""
@@ -138,13 +168,20 @@ class LlamaFactoryAnswerer:
         from llamafactory.extras.constants import EngineName
 
         self.chat_model = ChatModel(llamafactory_args)  # a list is parsed as a command line, by HfArgumentParser
-        self.batches_requests = self.chat_model.engine.name != EngineName.HF
+        engine = self.chat_model.engine
+        if engine.name == EngineName.HF and engine.model.config.model_type not in UNBATCHED_MODEL_TYPES:
+            self.batched_generator = BatchedGenerator(engine)
+            self.answer_batch = self._answer_batch  # generate_answers then sends batches, not single questions
         self.image_dir, self.suffix = image_dir, suffix
 
     def __call__(self, question: Question) -> str:
         message = {"role": "user", "content": prompt_for(question, self.suffix)}
         responses = self.chat_model.chat([message], images=[str(self.image_dir / question.image)])
         return responses[0].response_text.strip()  # stripped, as model_vqa_loader.py does
+
+    def _answer_batch(self, questions: list[Question]) -> list[str]:
+        prompts = [(prompt_for(question, self.suffix), str(self.image_dir / question.image)) for question in questions]
+        return [text.strip() for text in self.batched_generator.generate(prompts)]
 
 
 def generate_answers(
@@ -173,6 +210,11 @@ def generate_answers(
     if pending:
         write_atomically(output_dir / GENERATION_FILE, json.dumps(record, indent=2) + "\n")
         answer = load_answerer(llamafactory_args, image_dir, suffix)
-        in_flight = batch_size if getattr(answer, "batches_requests", True) else 1  # a plain function: batch_size
-        write_answers(pending, answer, output_dir / ANSWERS_FILE, id_field, text_field, in_flight, len(questions))
+        answers_path = output_dir / ANSWERS_FILE
+        if hasattr(answer, "answer_batch"):
+            write_answers_in_batches(
+                pending, answer.answer_batch, answers_path, id_field, text_field, batch_size, len(questions)
+            )
+        else:
+            write_answers(pending, answer, answers_path, id_field, text_field, batch_size, len(questions))
     return match_answers(questions, read_records(output_dir / ANSWERS_FILE), id_field, text_field)
