@@ -794,7 +794,7 @@ def test_compare_puts_runs_side_by_side_in_a_table_and_a_plot(pope_files, tmp_pa
         "rerun the evaluation that wrote it",
         f"{tmp_path / 'cut' / 'metrics.json'}: not valid JSON (Expecting ',' delimiter: line 1 column 34 (char 33)); "
         "rerun the evaluation that wrote it",
-        f"{tmp_path / 'other' / 'metrics.json'}: not a metrics.json as `tpo-plugin eval pope|amber` writes it; "
+        f"{tmp_path / 'other' / 'metrics.json'}: not a metrics.json as `tpo-plugin eval pope|amber|chair` writes it; "
         "rerun the evaluation that wrote it",
     ]
     assert not output.exists()

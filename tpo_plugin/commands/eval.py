@@ -4,12 +4,14 @@
         --model_name_or_path Qwen/Qwen2-VL-7B-Instruct --adapter_name_or_path saves/tpo --template qwen2_vl
     tpo-plugin eval amber --queries query_discriminative.json --annotations annotations.json \\
         --image-dir AMBER/image --output-dir OUT --answers responses.json
+    tpo-plugin eval chair --annotations coco/annotations --captions captions.jsonl --output-dir OUT
     tpo-plugin eval compare saves/sft/pope saves/dpo/pope saves/tpo/pope --output pope.md
 
 ``pope`` and ``amber`` either score an existing answer file (``--answers``) or generate the answers with
-LLaMA-Factory's ``ChatModel``; every option they do not know is LLaMA-Factory's and goes to LLaMA-Factory's own
-parser, as ``llamafactory-cli chat`` takes it. They write ``metrics.json`` and ``metrics.md`` into the output
-directory (and, when generating, ``answers.jsonl``; for AMBER also ``responses.json``). ``compare`` puts the
+LLaMA-Factory's ``ChatModel``; ``chair`` scores captions (``--captions``) or generates them the same way. Every
+option they do not know is LLaMA-Factory's and goes to LLaMA-Factory's own parser, as ``llamafactory-cli chat``
+takes it. They write ``metrics.json`` and ``metrics.md`` into the output directory (and, when generating,
+``answers.jsonl``; for AMBER also ``responses.json``, for CHAIR ``mentions.jsonl``). ``compare`` puts the
 metrics of several output directories side by side in one table and one bar chart.
 """
 
@@ -20,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..evaluation import amber, pope
+from ..evaluation import amber, chair, pope
 from ..evaluation.answers import ANSWERS_FILE, DEFAULT_PROMPT_SUFFIX, generate_answers
 from ..evaluation.inputs import EvalInputError, Question, image_problems, match_answers, read_records
 from ..evaluation.report import (
@@ -31,12 +33,13 @@ from ..evaluation.report import (
     metrics_table,
     plot_comparison,
     read_metrics,
+    write_atomically,
     write_metrics,
 )
 from . import file_in_the_way
 
 
-RESPONSES_FILE = "responses.json"
+RESPONSES_FILE, MENTIONS_FILE = "responses.json", "mentions.jsonl"
 
 
 class ModelArgumentsParser(argparse.ArgumentParser):
@@ -87,11 +90,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     amber_parser.add_argument("--annotations", type=Path, required=True, help="AMBER's annotations.json")
     add_common_arguments(amber_parser, 'AMBER response file: a JSON list of {"id", "response"} (or JSON lines)')
 
+    chair_parser = benchmarks.add_parser(
+        "chair",
+        help="CHAIR (object hallucination in image descriptions) on COCO val2014",
+        epilog=MODEL_ARGUMENTS_HELP.replace("--max_new_tokens 128", "--max_new_tokens 512"),
+        allow_abbrev=False,
+    )
+    add_chair_arguments(chair_parser)
+
     compare_parser = benchmarks.add_parser(
         "compare", help="several evaluations side by side: one markdown table and a bar chart", allow_abbrev=False
     )
     compare_parser.add_argument(
-        "runs", nargs="+", type=Path, help="output directories of `tpo-plugin eval pope|amber`"
+        "runs", nargs="+", type=Path, help="output directories of `tpo-plugin eval pope|amber|chair`"
     )
     compare_parser.add_argument(
         "--labels", help="comma-separated column names (default: the shortest distinct ends of the paths)"
@@ -101,6 +112,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=Path("eval_compare.md"),
         help="the markdown table; the bar chart goes next to it as .png (default: %(default)s)",
+    )
+
+
+def add_chair_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--annotations", type=Path, required=True,
+        help=f"folder with COCO's {chair.INSTANCES_FILE} and {chair.CAPTIONS_FILE} (the ground-truth objects)",
+    )  # fmt: skip
+    parser.add_argument("--output-dir", type=Path, required=True, help="where captions, mentions and metrics go")
+    parser.add_argument(
+        "--captions", type=Path, help='score these captions instead of generating: JSON lines {"image_id", "caption"}'
+    )
+    parser.add_argument(
+        "--images", "--image-dir", dest="image_dir", type=Path, help="COCO val2014 images (to generate captions)"
+    )
+    parser.add_argument("--prompt", default=chair.DEFAULT_PROMPT, help="the instruction (default: %(default)r)")
+    parser.add_argument(
+        "--num-images", type=int, default=500,
+        help="caption this many images of --images, drawn at random with --seed (default: %(default)s, as CHAIR "
+        "evaluations of VLMs do; 0: all)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draw of --num-images (default: %(default)s)")
+    parser.add_argument(
+        "--max_new_tokens", type=int, default=512, help="longest caption in tokens (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8,
+        help="images per generate call (huggingface engine) or in flight (vLLM, SGLang); default %(default)s",
+    )  # fmt: skip
+    parser.add_argument(
+        "--overwrite", action="store_true", help="discard the captions of an earlier generation instead of resuming it"
     )
 
 
@@ -117,7 +159,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, answers_help: str) -> 
         "--batch-size",
         type=int,
         default=32,
-        help="questions sent at once; vLLM and SGLang batch them, the huggingface engine answers one at a time",
+        help="questions per generate call (huggingface engine) or in flight at once (vLLM, SGLang batch them)",
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="discard the answers of an earlier generation instead of resuming it"
@@ -128,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.benchmark == "compare":
             return run_compare(args)
+        if args.benchmark == "chair":
+            return run_chair(args)
         return run_benchmark(args)
     except EvalInputError as error:
         layout = " " if len(error.problems) == 1 else "\n"  # one problem: one line
@@ -176,6 +220,67 @@ def run_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_chair(args: argparse.Namespace) -> int:
+    """Check the arguments, read the ground truth, get the captions (scored file or generation), score them."""
+    problems = []
+    blocking = file_in_the_way(args.output_dir)
+    if blocking is not None:
+        problems.append(f"--output-dir {args.output_dir}: {blocking} is a file, not a folder")
+    if args.captions and (args.llamafactory_args or args.image_dir):
+        given = " ".join(args.llamafactory_args + (["--images", str(args.image_dir)] if args.image_dir else []))
+        problems.append(f"--captions needs no images or model arguments, got: {given}")
+    if not args.captions and not (args.image_dir and args.llamafactory_args):
+        problems.append("give --captions FILE, or --images and the model arguments (--model_name_or_path ...)")
+    for option, value, least in (("--batch-size", args.batch_size, 1), ("--num-images", args.num_images, 0),
+                                 ("--max_new_tokens", args.max_new_tokens, 1)):  # fmt: skip
+        if value < least:
+            problems.append(f"{option} must be at least {least}, got {value}")
+    if not args.annotations.is_dir():
+        problems.append(f"--annotations {args.annotations}: not a folder")
+    if problems:
+        raise EvalInputError(problems)
+
+    vocabulary = chair.Vocabulary.load()
+    ground_truth = chair.read_ground_truth(args.annotations, vocabulary)
+    if args.captions:
+        captions = chair.read_captions(args.captions, ground_truth)
+    else:
+        requests = chair.caption_requests(
+            args.image_dir, ground_truth, args.prompt, args.num_images or None, args.seed
+        )
+        problems = image_problems(requests, args.image_dir)
+        if problems:
+            raise EvalInputError(problems)
+        answers = generate_answers(
+            requests, args.output_dir, args.image_dir, chair.ID_FIELD, chair.TEXT_FIELD, suffix="",
+            user_llamafactory_args=["--max_new_tokens", str(args.max_new_tokens), *args.llamafactory_args],
+            batch_size=args.batch_size, overwrite=args.overwrite,
+        )  # fmt: skip
+        captions = {request.key: (request.id, answers[request.key]) for request in requests}
+
+    metrics, mentions = chair.score(captions, ground_truth, vocabulary)
+    title = f"CHAIR: {len(captions)} captions of COCO val2014"
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(
+        args.output_dir / MENTIONS_FILE, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in mentions)
+    )
+    write_metrics(metrics, args.output_dir, title, chair_counts(metrics["all"]))
+    written = ([] if args.captions else [ANSWERS_FILE]) + [MENTIONS_FILE, METRICS_FILE, METRICS_TABLE_FILE]
+    print(f"{title}\n\n{metrics_table(metrics)}{chair_counts(metrics['all'])}")
+    print(f"[eval] wrote {', '.join(written)} in {args.output_dir}")
+    return 0
+
+
+def chair_counts(values: dict[str, float | int]) -> str:
+    """The counts behind CHAIR's fractions, as a line under metrics.md's table."""
+    return (
+        f"\n{values['hallucinated_captions']} of {values['n']} captions hallucinate; "
+        f"{values['hallucinated_mentions']} of {values['mentions']} object mentions are hallucinated; "
+        f"{values['ground_truth_objects_mentioned']} of {values['ground_truth_objects']} ground-truth objects "
+        "are mentioned.\n"
+    )
+
+
 def write_amber_responses(questions: list[Question], answers: dict[str, str], path: Path) -> None:
     """AMBER's response format with each answer reduced to "Yes"/"No": the file AMBER's inference.py scores."""
     responses = [
@@ -211,8 +316,12 @@ def run_compare(args: argparse.Namespace) -> int:
 
 # `tpo-plugin sweep --eval SPEC`: evaluating each trained run of a sweep.
 
-EVAL_SPEC_FORMATS = {"pope": ["--questions", "--image-dir"], "amber": ["--queries", "--annotations", "--image-dir"]}
-EVAL_SPEC_HELP = "pope:QUESTIONS:IMAGE_DIR or amber:QUERIES:ANNOTATIONS:IMAGE_DIR"
+EVAL_SPEC_FORMATS = {
+    "pope": ["--questions", "--image-dir"],
+    "amber": ["--queries", "--annotations", "--image-dir"],
+    "chair": ["--annotations", "--images"],
+}
+EVAL_SPEC_HELP = "pope:QUESTIONS:IMAGE_DIR, amber:QUERIES:ANNOTATIONS:IMAGE_DIR or chair:ANNOTATIONS_DIR:IMAGE_DIR"
 
 # Recipe keys that shape what the model sees at inference as in training (prompt format, image resolution).
 SHARED_RECIPE_KEYS = (
@@ -223,7 +332,8 @@ SHARED_RECIPE_KEYS = (
 def parse_eval_spec(text: str) -> tuple[str, list[str]]:
     """A name and the ``tpo-plugin eval`` arguments for a sweep's ``--eval`` value, e.g. ``pope:coco_pope_random.json:
     val2014`` -> ``("pope_random", ["pope", "--questions", "coco_pope_random.json", "--image-dir", "val2014"])``.
-    The name (``pope``, ``pope_<category>`` for POPE's file names, ``amber``) prefixes the table's columns."""
+    The name (``pope``, ``pope_<category>`` for POPE's file names, ``amber``, ``chair``) prefixes the table's
+    columns."""
     benchmark, *paths = text.split(":")
     options = EVAL_SPEC_FORMATS.get(benchmark)
     if options is None or len(paths) != len(options) or not all(paths):

@@ -1,7 +1,7 @@
 """Writing an evaluation's metrics (``metrics.json``, ``metrics.md``) and comparing several evaluations.
 
-``metrics.json`` holds fractions in [0, 1], unrounded; the markdown tables show percentages with one decimal,
-as papers report POPE and AMBER.
+``metrics.json`` holds fractions in [0, 1], unrounded (and, for CHAIR, the counts they are made of); the markdown
+tables show percentages with one decimal, as papers report POPE, AMBER and CHAIR.
 """
 
 import json
@@ -13,10 +13,16 @@ from .inputs import EvalInputError
 
 METRICS_FILE, METRICS_TABLE_FILE = "metrics.json", "metrics.md"
 
-COLUMNS = {"accuracy": "Accuracy", "precision": "Precision", "recall": "Recall", "f1": "F1", "yes_ratio": "Yes ratio"}
-"""Metric keys of metrics.json, in table order, with their column titles."""
+COLUMNS = {
+    "chair_s": "CHAIR_s", "chair_i": "CHAIR_i", "accuracy": "Accuracy", "precision": "Precision", "recall": "Recall",
+    "f1": "F1", "yes_ratio": "Yes ratio",
+}  # fmt: skip
+"""Metric keys of metrics.json shown in percent, in table order, with their column titles (other keys are counts)."""
 
-PLOTTED_METRICS = ("accuracy", "f1")
+PLOTTED_METRICS = ("accuracy", "f1", "chair_s", "chair_i")
+"""Plotted by ``eval compare`` where a run has them: POPE's and AMBER's first two, CHAIR's last two."""
+
+WRITTEN_BY = "`tpo-plugin eval pope|amber|chair`"
 
 
 def percent(value: float) -> str:
@@ -45,18 +51,20 @@ def write_atomically(path: Path, text: str) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def write_metrics(metrics: dict[str, dict[str, float | int]], output_dir: Path, title: str) -> None:
-    """``metrics.json`` and ``metrics.md`` (a heading, then :func:`metrics_table`) in ``output_dir``."""
+def write_metrics(metrics: dict[str, dict[str, float | int]], output_dir: Path, title: str, notes: str = "") -> None:
+    """``metrics.json`` and ``metrics.md`` (a heading, :func:`metrics_table`, then ``notes``) in ``output_dir``."""
     output_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(output_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
-    write_atomically(output_dir / METRICS_TABLE_FILE, f"# {title}\n\n{metrics_table(metrics)}")
+    write_atomically(output_dir / METRICS_TABLE_FILE, f"# {title}\n\n{metrics_table(metrics)}{notes}")
 
 
 def is_split(values: object) -> bool:
-    """Whether ``values`` is one split of a metrics.json: numbers only, ``n`` and the plotted metrics among them."""
+    """Whether ``values`` is one split of a metrics.json: numbers only, ``n`` and a benchmark's plotted metrics
+    (POPE's and AMBER's accuracy and F1, or CHAIR's CHAIR_s and CHAIR_i) among them."""
     return (
         isinstance(values, dict)
-        and all(key in values for key in ("n", *PLOTTED_METRICS))
+        and "n" in values
+        and (all(key in values for key in PLOTTED_METRICS[:2]) or all(key in values for key in PLOTTED_METRICS[2:]))
         and all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values.values())
     )
 
@@ -66,13 +74,13 @@ def read_metrics(output_dir: Path) -> dict[str, dict[str, float | int]]:
     read: an "all" split, and every split as :func:`is_split` says."""
     path = output_dir / METRICS_FILE
     if not path.is_file():
-        raise EvalInputError([f"{output_dir}: no {METRICS_FILE} (not the output of `tpo-plugin eval pope|amber`)"])
+        raise EvalInputError([f"{output_dir}: no {METRICS_FILE} (not the output of {WRITTEN_BY})"])
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:  # e.g. empty, or cut off by a crash
         raise EvalInputError([f"{path}: not valid JSON ({error}); rerun the evaluation that wrote it"]) from None
     if not (isinstance(metrics, dict) and "all" in metrics and all(map(is_split, metrics.values()))):
-        problem = f"not a {METRICS_FILE} as `tpo-plugin eval pope|amber` writes it; rerun the evaluation that wrote it"
+        problem = f"not a {METRICS_FILE} as {WRITTEN_BY} writes it; rerun the evaluation that wrote it"
         raise EvalInputError([f"{path}: {problem}"])
     return metrics
 
@@ -105,7 +113,8 @@ def compare_table(runs: dict[str, dict[str, dict[str, float | int]]]) -> str:
 
 
 def plot_comparison(runs: dict[str, dict[str, dict[str, float | int]]], path: Path) -> None:
-    """A bar chart per metric of :data:`PLOTTED_METRICS`: splits along x, one bar per run, in percent."""
+    """A bar chart per metric of :data:`PLOTTED_METRICS` that a run has: splits along x, one bar per run, in
+    percent."""
     # Deferred: matplotlib takes half a second to import, and only this function needs it.
     import matplotlib
 
@@ -113,11 +122,13 @@ def plot_comparison(runs: dict[str, dict[str, dict[str, float | int]]], path: Pa
     import matplotlib.pyplot as plt
 
     splits = list(dict.fromkeys(split for metrics in runs.values() for split in metrics))
+    present = {key for metrics in runs.values() for values in metrics.values() for key in values}
+    plotted = [key for key in PLOTTED_METRICS if key in present]
     width = 0.8 / len(runs)
-    figure, axes = plt.subplots(1, len(PLOTTED_METRICS), figsize=(5 + 1.2 * len(splits), 4), squeeze=False)
-    for axis, key in zip(axes[0], PLOTTED_METRICS, strict=True):
+    figure, axes = plt.subplots(1, len(plotted), figsize=(5 + 1.2 * len(splits), 4), squeeze=False)
+    for axis, key in zip(axes[0], plotted, strict=True):
         for index, (label, metrics) in enumerate(runs.items()):
-            heights = [100 * metrics[split][key] if split in metrics else 0.0 for split in splits]
+            heights = [100 * metrics[split].get(key, 0.0) if split in metrics else 0.0 for split in splits]
             offsets = [position + (index - (len(runs) - 1) / 2) * width for position in range(len(splits))]
             axis.bar(offsets, heights, width, label=label)
         axis.set_xticks(range(len(splits)), splits, rotation=30 if len(splits) > 4 else 0)
