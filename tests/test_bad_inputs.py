@@ -1,5 +1,5 @@
 """Second round of bad inputs (issue 16): image tokens past `cutoff_len`, image modes LLaMA-Factory's RGB
-conversion destroys, identical answers, video pairs and dataset files that do not parse."""
+conversion destroys, identical answers, video pairs a template cannot train and dataset files that do not parse."""
 
 import json
 
@@ -115,7 +115,7 @@ def test_bad_samples_of_the_second_round_are_named(model_dirs, data_root, tmp_pa
     assert "The preference data has 4 problem(s)" in message
     assert "sample 1: image `img/folder` is a directory" in message
     assert "sample 2: image `" in message and "nan.tiff` has PIL mode F with non-finite pixel values" in message
-    assert "sample 3: has 1 video(s) (`clip.mp4`): stage tpo corrupts images only" in message
+    assert "sample 3: has 0 <video> placeholder(s) but 1 video(s)" in message
     # The processor scales the square 448x448 image down to its pixel cap (`size.longest_edge`, a square of side
     # a multiple of the merged patch), then makes one token per merged patch.
     config = json.loads((model_dirs["qwen2_vl"] / "processor_config.json").read_text())["image_processor"]
@@ -165,7 +165,7 @@ def test_dataset_files_that_do_not_parse_are_named(model_dirs, data_root, tmp_pa
 
 
 @pytest.mark.e2e
-def test_a_video_dataset_is_refused_for_its_videos(model_dirs, data_root, tmp_path):
+def test_video_pairs_are_refused_with_a_template_that_trains_no_videos(model_dirs, data_root, tmp_path):
     rows = preference_rows(data_root / "img", 2, with_images=False)
     for row in rows:
         row["conversations"][0]["value"] = "<video>" + row["conversations"][0]["value"]
@@ -173,7 +173,7 @@ def test_a_video_dataset_is_refused_for_its_videos(model_dirs, data_root, tmp_pa
     add_dataset(
         data_root, "videos", rows, {**{k: v for k, v in PAIR_COLUMNS.items() if k != "images"}, "videos": "videos"}
     )
-    config = train_config(model_dirs["qwen2_vl"], "qwen2_vl", data_root, tmp_path / "out", dataset="videos")
+    config = train_config(model_dirs["llava"], "llava", data_root, tmp_path / "out", dataset="videos")
     message = run_exp_error(config)
-    assert "dataset `videos`, sample 0: has 1 video(s) (`clip.mp4`): stage tpo corrupts images only" in message
+    assert "dataset `videos`, sample 0: has 1 video(s) (`clip.mp4`): template `llava` takes no videos" in message
     assert "No training pair has an image" not in message

@@ -24,6 +24,7 @@ from . import file_in_the_way
 TOKENS_FILE = "tokens.jsonl"
 REPORT_FILE = "report.html"
 HISTORY_FILE = "history.html"
+FRAME_SIZE = 96  # pixels on the longer side of a video frame in the report's strips
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,8 +81,9 @@ def check_output_dir(output_dir: Path, names: tuple[str, ...], overwrite: bool) 
         raise InspectError(f"{output_dir} already holds {', '.join(existing)}; pass --overwrite to replace it.")
 
 
-def inspect_pairs(config: dict[str, Any], num_pairs: int, split: str) -> tuple[list[dict], list[dict], str]:
-    """(token views, the inspected dataset rows, the reference model in words), built as ``run_tpo`` builds."""
+def inspect_pairs(config: dict[str, Any], num_pairs: int, split: str) -> tuple[list[dict], list[dict], str, Any]:
+    """(token views, the inspected dataset rows, the reference model in words, the run's image corrupter), built as
+    ``run_tpo`` builds."""
     from llamafactory.hparams import get_train_args
 
     from ..training.diagnostics.token_view import pair_token_views, reference_description
@@ -99,9 +101,16 @@ def inspect_pairs(config: dict[str, Any], num_pairs: int, split: str) -> tuple[l
     views = pair_token_views(run.trainer, rows, tokenizer)
     for index, (view, row) in enumerate(zip(views, rows, strict=True)):
         prompt_ids = [t for t, label in zip(row["chosen_input_ids"], row["chosen_labels"], strict=True) if label < 0]
-        view.update(pair=index, image=list(row.get("images") or []))
+        view.update(pair=index, image=list(row.get("images") or []), video=list(row.get("videos") or []))
         view["question"] = tokenizer.decode(prompt_ids, skip_special_tokens=True).strip()
-    return views, rows, reference_description(run.trainer)
+    return views, rows, reference_description(run.trainer), run.trainer.data_collator.image_corrupter
+
+
+def frame_strips(corrupter: Any, videos: list[Any]) -> list[tuple[list[Any], list[Any]]]:
+    """Per video, the frames the model sees and their corrupted copies (the noise of an evaluation step)."""
+    from ..training.batch.keys import EVAL_STEP_KEY
+
+    return [(frames, corrupter.corrupted_frames(frames, EVAL_STEP_KEY)) for frames in corrupter.load_videos(videos)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
             raise InspectError(f"--num-pairs must be at least 1, got {args.num_pairs}.")
         check_output_dir(args.output_dir, (TOKENS_FILE, REPORT_FILE), args.overwrite)
         config = recipe_config(args.recipe, args.overrides, args.output_dir.resolve(), args.split)
-        views, _, reference = inspect_pairs(config, args.num_pairs, args.split)
+        views, _, reference, corrupter = inspect_pairs(config, args.num_pairs, args.split)
     except (InspectError, ValueError) as error:
         print(f"tpo-plugin inspect: {error}", file=sys.stderr)
         return 2
@@ -124,14 +133,30 @@ def run(args: argparse.Namespace) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     with open(args.output_dir / TOKENS_FILE, "w", encoding="utf-8") as file:
         for view in views:
-            record = {"pair": view["pair"], "image": view["image"], "question": view["question"]}
+            record = {
+                "pair": view["pair"],
+                "image": view["image"],
+                "video": view["video"],
+                "question": view["question"],
+            }
             file.write(json.dumps({**record, "chosen": view["chosen"], "rejected": view["rejected"]}) + "\n")
     notes = [
         f"Recipe {args.recipe} {' '.join(args.overrides)}, {args.split} split, first {len(views)} pairs; corruption "
         f"{config.get('tpo_corruption', 'diffusion')}, noise of an evaluation step. Reference model: {reference}.",
     ]
     images = {view["pair"]: [image_data_uri(path) for path in view["image"]] for view in views}
-    page = report_html(views, "What TPO weights", notes, images)
+    videos = {
+        view["pair"]: [
+            (
+                [image_data_uri(frame, FRAME_SIZE) for frame in clean],
+                [image_data_uri(frame, FRAME_SIZE) for frame in noisy],
+            )
+            for clean, noisy in frame_strips(corrupter, view["video"])
+        ]
+        for view in views
+        if view["video"]
+    }
+    page = report_html(views, "What TPO weights", notes, images, videos)
     (args.output_dir / REPORT_FILE).write_text(page, encoding="utf-8")
     colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     print(terminal_view(views, colour))
@@ -140,8 +165,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_history(args: argparse.Namespace) -> int:
-    from .token_report import history_html, read_token_log, records_of_the_current_run
     from ..training.diagnostics.token_view import TOKENS_LOG_FILE
+    from .token_report import history_html, read_token_log, records_of_the_current_run
 
     source = args.history if args.history.is_file() else args.history / TOKENS_LOG_FILE
     if not source.is_file():

@@ -10,7 +10,7 @@ import html
 import io
 import json
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from PIL import Image
 
@@ -25,6 +25,7 @@ td,th{border:1px solid #ccc;padding:3px 7px;font-size:13px;text-align:left}
 .pair{border-top:2px solid #888;padding:12px 0;display:flex;gap:18px}.pair img{max-width:224px;height:auto}
 .tok{padding:1px 0;border-radius:3px;white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:14px}
 .answer{margin:6px 0;line-height:1.9}.label{font-weight:bold;margin-right:6px}.note{color:#555;font-size:13px}
+.video{margin:6px 0}.frames{display:flex;gap:2px;align-items:center}.frames img{max-width:96px}
 """
 
 
@@ -35,9 +36,9 @@ def weight_colour(weight: float) -> str:
     return f"rgb(255,{fade},{fade})" if amount >= 0 else f"rgb({fade},{fade},255)"
 
 
-def image_data_uri(path: str, size: int = 224) -> str:
-    """An image file as a base64 PNG data URI, at most ``size`` pixels on its longer side."""
-    image = Image.open(path).convert("RGB")
+def image_data_uri(source: str | Image.Image, size: int = 224) -> str:
+    """An image (a file, or an image) as a base64 PNG data URI, at most ``size`` pixels on its longer side."""
+    image = (Image.open(source) if isinstance(source, str) else source).convert("RGB")
     image.thumbnail((size, size))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -118,11 +119,19 @@ def _token_table(ranked: list[tuple[float, str, int]]) -> str:
     return f"<table><tr><th>token</th><th>mean c</th><th>n</th></tr>{rows}</table>"
 
 
-def report_html(views: list[dict[str, Any]], title: str, notes: list[str], images: dict[int, list[str]]) -> str:
+def report_html(
+    views: list[dict[str, Any]],
+    title: str,
+    notes: list[str],
+    images: dict[int, list[str]],
+    videos: Optional[dict[int, list[tuple[list[str], list[str]]]]] = None,
+) -> str:
     """The inspection page: summary, histograms, then each pair's image(s), question and coloured answers.
 
-    ``views`` are ``tokens.jsonl`` records (plus ``question``); ``images[pair]`` are data URIs.
+    ``views`` are ``tokens.jsonl`` records (plus ``question``); ``images[pair]`` are data URIs; ``videos[pair]``
+    holds per video a strip of its frames as the model sees them and one of their corrupted copies (data URIs).
     """
+    videos = videos or {}
     stats = summary(views)
     parts = [f"<h1>{html.escape(title)}</h1>", *(f"<p class='note'>{html.escape(note)}</p>" for note in notes)]
     parts.append(
@@ -153,6 +162,9 @@ def report_html(views: list[dict[str, Any]], title: str, notes: list[str], image
     parts.append("<h2>Pairs</h2>")
     for view in views:
         pictures = "".join(f"<img src='{uri}' alt='pair {view['pair']}'>" for uri in images.get(view["pair"], []))
+        pictures += "".join(
+            _frame_strips(view["pair"], number, strips) for number, strips in enumerate(videos.get(view["pair"], []))
+        )
         answers = "".join(
             f"<div class='answer'><span class='label'>{side}</span>{_token_spans(view[side])}</div>" for side in SIDES
         )
@@ -161,6 +173,20 @@ def report_html(views: list[dict[str, Any]], title: str, notes: list[str], image
             f"<p>{html.escape(view.get('question', ''))}</p>{answers}</div></div>"
         )
     return _page(title, "".join(parts))
+
+
+def _frame_strips(pair: int, number: int, strips: tuple[list[str], list[str]]) -> str:
+    """One video of a pair: its frames in a row, and their corrupted copies in the row below."""
+    rows = "".join(
+        f"<div class='frames'><span class='label'>{label}</span>"
+        + "".join(
+            f"<img src='{uri}' alt='pair {pair}, video {number}, {label} frame {index}'>"
+            for index, uri in enumerate(frames)
+        )
+        + "</div>"
+        for label, frames in zip(("clean", "corrupted"), strips, strict=True)
+    )
+    return f"<div class='video'>{rows}</div>"
 
 
 def _page(title: str, body: str) -> str:

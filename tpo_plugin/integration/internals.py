@@ -22,6 +22,20 @@ def image_resizer(mm_plugin: Any, processor: Any) -> Callable[[list[Any]], list[
     return lambda images: regularize(images, **sizes)["images"]
 
 
+def video_frame_loader(mm_plugin: Any, processor: Any) -> Callable[[list[Any]], list[list[Any]]]:
+    """Decodes videos into the frames ``mm_plugin.get_mm_inputs`` gives the model: the same frame sampling
+    (``video_fps``, ``video_maxlen``) and resizing (``video_max_pixels``), as lists of frames
+    (``BasePlugin._regularize_videos``)."""
+    regularize = require(mm_plugin, "_regularize_videos")
+    settings = {
+        "image_max_pixels": getattr(processor, "video_max_pixels", 256 * 256),
+        "image_min_pixels": getattr(processor, "video_min_pixels", 16 * 16),
+        "video_fps": getattr(processor, "video_fps", 2.0),
+        "video_maxlen": getattr(processor, "video_maxlen", 128),
+    }
+    return lambda videos: regularize(videos, **settings)["videos"]
+
+
 def aligned_datasets(dataset_names: list[str] | None, model_args: Any, data_args: Any, training_args: Any) -> dict:
     """Each dataset as LLaMA-Factory aligns it before tokenising (``_prompt``, ``_response``, ``_images`` ...),
     by name (``loader._get_merged_dataset``)."""

@@ -5,7 +5,8 @@ The noise is added in [0, 1] pixel space to an image that is already opened and 
 can go through a model family's own image processor exactly like the clean one.
 
 The noise is reproducible: it is drawn from a generator seeded with the training seed, a step key and
-a digest of the image's pixels, so the same (seed, step key, image) always gives the same noise.
+a digest of the image's pixels (and, for a video frame, its index), so the same (seed, step key, image) always
+gives the same noise, whichever process draws it.
 """
 
 import hashlib
@@ -41,21 +42,27 @@ def add_diffusion_noise(image: torch.Tensor, noise: torch.Tensor, noise_step: in
     return (signal_scale * image + noise_scale * noise).clamp_(0.0, 1.0)
 
 
-def noise_seed(seed: int, step_key: int, image: Image.Image) -> int:
-    """A 63-bit generator seed from the training seed, the step key and the image's pixels."""
+def noise_seed(seed: int, step_key: int, image: Image.Image, frame: int | None = None) -> int:
+    """A 63-bit generator seed from the training seed, the step key, the image's pixels and, for a video frame,
+    its index (two equal frames of a still scene get independent noise)."""
     digest = hashlib.blake2b(digest_size=8)
     digest.update(f"{seed}/{step_key}/{image.mode}/{image.size}".encode())
+    if frame is not None:
+        digest.update(f"/frame {frame}".encode())
     digest.update(image.tobytes())
     return int.from_bytes(digest.digest(), "little") >> 1
 
 
-def corrupt_image(image: Image.Image, corruption: str, noise_step: int, seed: int, step_key: int) -> Image.Image:
-    """The corrupted copy of one RGB image: diffusion noise at ``noise_step``, or a white image of the same size."""
+def corrupt_image(
+    image: Image.Image, corruption: str, noise_step: int, seed: int, step_key: int, frame: int | None = None
+) -> Image.Image:
+    """The corrupted copy of one RGB image (or frame ``frame`` of a video): diffusion noise at ``noise_step``, or a
+    white image of the same size."""
     if corruption == "blank":
         return Image.new(image.mode, image.size, (255,) * len(image.getbands()))
 
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
-    generator = torch.Generator().manual_seed(noise_seed(seed, step_key, image))
+    generator = torch.Generator().manual_seed(noise_seed(seed, step_key, image, frame))
     noise = torch.randn(pixels.shape, generator=generator, dtype=torch.float32)
     noisy = add_diffusion_noise(pixels, noise, noise_step)
     return Image.fromarray((noisy * 255.0).round_().to(torch.uint8).numpy())

@@ -408,19 +408,20 @@ _TEXTS: dict[str, dict[str, tuple[str, ...]]] = {
 # tpo_info: a note at the top of the panel (a Markdown element, so its text is its "value").
 _INFO = {
     "en": "β (`pref_beta`), the SFT loss weight (`pref_ftx`) and the loss type (`pref_loss`: sigmoid, hinge or ipo) "
-    "of the **RLHF configurations** apply to TPO as they do to DPO. Choose a ranking dataset with images and the "
-    "vision-language template of the model.",
+    "of the **RLHF configurations** apply to TPO as they do to DPO. Choose a ranking dataset with images or videos "
+    "(videos with the qwen2_vl and qwen3_vl templates) and the vision-language template of the model.",
     "ru": "β (`pref_beta`), вес потерь SFT (`pref_ftx`) и тип функции потерь (`pref_loss`: sigmoid, hinge или ipo) "
     "из **конфигураций RLHF** действуют для TPO так же, как для DPO. Выберите ранжированный набор данных с "
-    "изображениями и мультимодальный шаблон модели.",
+    "изображениями или видео (видео — с шаблонами qwen2_vl и qwen3_vl) и мультимодальный шаблон модели.",
     "zh": "**RLHF 参数设置**中的 β（`pref_beta`）、SFT 损失权重（`pref_ftx`）和损失函数类型（`pref_loss`：sigmoid、"
-    "hinge 或 ipo）对 TPO 的作用与对 DPO 相同。请选择带图像的偏好（ranking）数据集和模型对应的多模态模板。",
+    "hinge 或 ipo）对 TPO 的作用与对 DPO 相同。请选择带图像或视频的偏好（ranking）数据集（视频需使用 "
+    "qwen2_vl 或 qwen3_vl 模板）和模型对应的多模态模板。",
     "ko": "**RLHF 구성**의 β(`pref_beta`), SFT 손실 가중치(`pref_ftx`), 손실 함수 유형(`pref_loss`: sigmoid, hinge "
-    "또는 ipo)은 DPO와 마찬가지로 TPO에도 적용됩니다. 이미지가 있는 랭킹 데이터셋과 모델의 멀티모달 템플릿을 "
-    "선택하세요.",
+    "또는 ipo)은 DPO와 마찬가지로 TPO에도 적용됩니다. 이미지 또는 동영상이 있는 랭킹 데이터셋(동영상은 "
+    "qwen2_vl, qwen3_vl 템플릿)과 모델의 멀티모달 템플릿을 선택하세요.",
     "ja": "**RLHF 設定**の β（`pref_beta`）、SFT 損失の重み（`pref_ftx`）、損失関数の種類（`pref_loss`：sigmoid、"
-    "hinge、ipo）は DPO と同様に TPO にも適用されます。画像付きのランキングデータセットと、モデルのマルチモーダル"
-    "テンプレートを選んでください。",
+    "hinge、ipo）は DPO と同様に TPO にも適用されます。画像または動画付きのランキングデータセット（動画は"
+    "qwen2_vl と qwen3_vl テンプレート）と、モデルのマルチモーダルテンプレートを選んでください。",
 }
 
 

@@ -1,4 +1,4 @@
-"""Encode each image once per training step instead of once per row and forward (docs/method.md §10).
+"""Encode each image (and video) once per training step instead of once per row and forward (docs/method.md §10).
 
 A TPO step puts every image of a pair through the vision tower eight times if nothing is shared: in the
 chosen and in the rejected row, clean and corrupted, for the policy and for the reference model. For a
@@ -17,6 +17,9 @@ Reuse is checked, never assumed: a block is reused only when all its input tenso
 encoded block exactly, and only when the encoded features carry a graph exactly when a fresh encoding
 would. Reusing one block's features twice in a forward with a trainable vision tower is still exact:
 autograd sums both uses.
+
+Video tensors are blocks of the same kind: Qwen3-VL encodes them through ``get_image_features``, Qwen2-VL and
+Qwen2.5-VL through ``get_video_features``, which is wrapped the same way; other families encode videos as they come.
 """
 
 from contextlib import contextmanager, nullcontext
@@ -46,6 +49,11 @@ SUPPORTED_MODEL_TYPES = (
     "video_llava",
     "llava_next_video",
 )
+
+
+# Families whose ``get_video_features`` runs the vision tower itself (Qwen3-VL's calls ``get_image_features``, so its
+# videos are reused through that): their video tensors are split into blocks and reused the same way.
+OWN_VIDEO_ENCODER_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 
 @dataclass
@@ -159,10 +167,23 @@ class ImageFeatureCache:
 
     @contextmanager
     def _patched(self, owner: torch.nn.Module, num_blocks: int | None, scope: str, trainable: bool):
-        encode = owner.get_image_features
-        known = self._blocks.setdefault(scope, [])
+        known = self._blocks.setdefault(scope, [])  # images and videos alike: a block matches only equal tensors
+        names = ["get_image_features"]
+        if owner.config.model_type in OWN_VIDEO_ENCODER_MODEL_TYPES:
+            names.append("get_video_features")
+        for name in names:  # an instance attribute shadows the class's method
+            setattr(owner, name, self._encoding_once(getattr(owner, name), known, num_blocks, trainable))
+        try:
+            yield
+        finally:
+            for name in names:
+                delattr(owner, name)
 
-        def get_image_features(*args, **kwargs):
+    @staticmethod
+    def _encoding_once(encode: Any, known: list[_EncodedBlock], num_blocks: int | None, trainable: bool) -> Any:
+        """``encode`` (``get_image_features`` or ``get_video_features``) reusing the blocks already in ``known``."""
+
+        def encode_blocks(*args, **kwargs):
             wants_graph = trainable and torch.is_grad_enabled()
             # A frozen vision path trains nothing, yet transformers' enable_input_require_grads (set up for
             # gradient checkpointing) makes its patch embeddings require grad, so every backward would also
@@ -187,8 +208,4 @@ class ImageFeatureCache:
                 features.append(match.features)
             return join_block_features(features)
 
-        owner.get_image_features = get_image_features  # an instance attribute shadows the class's method
-        try:
-            yield
-        finally:
-            del owner.get_image_features
+        return encode_blocks

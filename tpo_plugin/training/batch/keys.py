@@ -13,5 +13,6 @@ SAMPLE_KEY = -2  # with `tpo_noise_per: sample` every step and evaluation uses t
 
 PAIR_KEY = "tpo_pair_key"  # dataset column (and batch key) naming each pair "<split>/<row>" (tpo_precompute_ref)
 PAIR_IMAGES_KEY = "tpo_images"  # batch key under which each pair's loaded images reach the trainer
+PAIR_VIDEOS_KEY = "tpo_videos"  # and each pair's videos, as the frames the model sees
 CORRUPTED_INPUTS_KEY = "tpo_corrupted_inputs"  # the corrupted images' multimodal tensors, built by the collator
 NOISE_KEY = "tpo_noise_key"  # the noise key they were built with (None: not built by the collator)

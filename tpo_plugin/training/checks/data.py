@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from datasets import Features, Sequence, Value
 from llamafactory.extras import logging
-from llamafactory.extras.constants import IMAGE_PLACEHOLDER
+from llamafactory.extras.constants import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from PIL import Image
 
-from ...integration.internals import aligned_datasets, dataset_attributes, kept_lengths
+from ...integration.internals import aligned_datasets, dataset_attributes, kept_lengths, video_frame_loader
 from ..batch.image_modes import mode_problem
+from .families import video_refusal
 
 
 if TYPE_CHECKING:
@@ -77,14 +78,25 @@ def _named_mode_problem(image: Image.Image, name: str) -> str | None:
     return f"image `{name}` {problem}" if problem else None
 
 
-def pair_problems(row: dict[str, Any], image_placeholder: str = "<image>") -> list[str]:
-    """Problems of one aligned preference sample's fields (its images are checked as they are decoded)."""
-    problems = [
-        f"has {len(media)} {kind}(s) (`{media[0]}`): stage tpo corrupts images only, so the {kind} would train "
-        f"uncorrupted; remove the {kind} pairs or train them with `stage: dpo`"
-        for kind, media in (("video", row.get("_videos") or []), ("audio", row.get("_audios") or []))
-        if media
-    ]
+def pair_problems(
+    row: dict[str, Any],
+    image_placeholder: str = "<image>",
+    video_placeholder: str = "<video>",
+    video_refusal: Optional[str] = None,
+) -> list[str]:
+    """Problems of one aligned preference sample's fields (its images and videos are checked as they are decoded).
+
+    ``video_refusal`` says why the run's template trains no video pairs (``None``: it trains them).
+    """
+    problems = []
+    audios, videos = row.get("_audios") or [], row.get("_videos") or []
+    if audios:
+        problems.append(
+            f"has {len(audios)} audio(s) (`{audios[0]}`): stage tpo corrupts images and video frames only, so the "
+            "audio would train uncorrupted; remove the audio pairs or train them with `stage: dpo`"
+        )
+    if videos and video_refusal:
+        problems.append(f"has {len(videos)} video(s) (`{videos[0]}`): {video_refusal}")
     responses = row.get("_response") or []
     if len(responses) != 2 or not row.get("_prompt"):
         problems.append("is not a prompt with a chosen and a rejected answer (check its roles and turn order)")
@@ -92,19 +104,21 @@ def pair_problems(row: dict[str, Any], image_placeholder: str = "<image>") -> li
         if not str(response.get("content", "")).strip():
             problems.append(f"field `{side}` is empty")
 
-    for side, response in zip(("chosen", "rejected"), responses, strict=False):
-        if image_placeholder in str(response.get("content", "")):
-            problems.append(
-                f"field `{side}` holds an {image_placeholder} placeholder: images belong in the prompt, the answers "
-                "are text"
-            )
+    for placeholder, kind in ((image_placeholder, "images"), (video_placeholder, "videos")):
+        for side, response in zip(("chosen", "rejected"), responses, strict=False):
+            if placeholder in str(response.get("content", "")):
+                problems.append(
+                    f"field `{side}` holds an {placeholder} placeholder: {kind} belong in the prompt, the answers "
+                    "are text"
+                )
 
-    images = row.get("_images") or []
-    placeholders = sum(
-        str(message.get("content", "")).count(image_placeholder) for message in row.get("_prompt") or []
-    )
-    if placeholders != len(images):
-        problems.append(f"has {placeholders} {image_placeholder} placeholder(s) but {len(images)} image(s)")
+    for placeholder, media, kind in (
+        (image_placeholder, row.get("_images") or [], "image"),
+        (video_placeholder, videos, "video"),
+    ):
+        placeholders = sum(str(message.get("content", "")).count(placeholder) for message in row.get("_prompt") or [])
+        if placeholders != len(media):
+            problems.append(f"has {placeholders} {placeholder} placeholder(s) but {len(media)} {kind}(s)")
     return problems
 
 
@@ -114,25 +128,46 @@ def identical_answers(row: dict[str, Any]) -> bool:
     return len(answers) == 2 and answers[0] == answers[1] != ""
 
 
-class ImageTokenBudget:
-    """Whether a sample's image tokens survive LLaMA-Factory's truncation to ``cutoff_len``.
+class VisualTokenBudget:
+    """Whether a sample's image and video tokens survive LLaMA-Factory's truncation to ``cutoff_len``.
 
-    LLaMA-Factory's ``PairwiseDatasetProcessor._encode_data_example`` (0.9.5) expands the images into
-    tokens with ``mm_plugin.process_messages`` (after ``_regularize_images``, so ``image_max_pixels`` counts),
-    then keeps the first ``kept_lengths(...)[0]`` prompt tokens: a cut through the image tokens crashes only
-    once the model runs. This repeats that encoding, without the model.
+    LLaMA-Factory's ``PairwiseDatasetProcessor._encode_data_example`` (0.9.5) expands the images and videos into
+    tokens with ``mm_plugin.process_messages`` (after ``_regularize_images``, so ``image_max_pixels`` counts; a
+    video's frames after its frame sampling), then keeps the first ``kept_lengths(...)[0]`` prompt tokens: a cut
+    through the image or video tokens crashes only once the model runs. This repeats that encoding, without the
+    model. It also decodes videos as the collator will (:meth:`video_problem`).
     """
 
     def __init__(self, template: Any, tokenizer: Any, processor: Any, cutoff_len: int):
         self.template, self.tokenizer, self.processor, self.cutoff_len = template, tokenizer, processor, cutoff_len
-        self.image_token_id = tokenizer.convert_tokens_to_ids(template.mm_plugin.image_token)
+        mm_plugin = template.mm_plugin
+        tokens = [mm_plugin.image_token] + ([mm_plugin.video_token] if mm_plugin.video_token else [])
+        self.visual_token_ids = {tokenizer.convert_tokens_to_ids(token) for token in tokens}
 
-    def problem(self, row: dict[str, Any], images: list[Image.Image]) -> str | None:
-        """Why the sample's ``images`` (decoded) would be cut by the truncation, or ``None``."""
-        if not images:
+    def video_problem(self, video: Any) -> str | None:
+        """Why ``video`` cannot be used (missing, not a file, undecodable, no frames), or ``None``."""
+        if isinstance(video, str):
+            if os.path.isdir(video):
+                return f"video `{video}` is a directory, not a video file"
+            if not os.path.isfile(video):
+                where = (
+                    ""
+                    if os.path.isabs(video)
+                    else " (relative paths are looked up in `media_dir`, default `dataset_dir`)"
+                )
+                return f"video `{video}` does not exist{where}"
+        try:
+            (frames,) = video_frame_loader(self.template.mm_plugin, self.processor)([video])
+        except Exception as error:  # PyAV and PIL raise many kinds; each means the same to the user
+            return f"video `{video}` cannot be decoded ({MEMORY_ADDRESS.sub('', str(error))})"
+        return None if frames else f"video `{video}` has no frames"
+
+    def problem(self, row: dict[str, Any], images: list[Image.Image], videos: list[Any]) -> str | None:
+        """Why the sample's ``images`` (decoded) and ``videos`` would be cut by the truncation, or ``None``."""
+        if not images and not videos:
             return None
-        prompt_ids, answer_len = self._encode(row, images)
-        positions = [index for index, token in enumerate(prompt_ids) if token == self.image_token_id]
+        prompt_ids, answer_len = self._encode(row, images, videos)
+        positions = [index for index, token in enumerate(prompt_ids) if token in self.visual_token_ids]
         needed = positions[-1] + 1 if positions else 0
         kept, _ = kept_lengths(len(prompt_ids), answer_len, self.cutoff_len)
         if kept >= needed:
@@ -142,64 +177,94 @@ class ImageTokenBudget:
             for cutoff in range(self.cutoff_len + 1, len(prompt_ids) + answer_len + 1)
             if kept_lengths(len(prompt_ids), answer_len, cutoff)[0] >= needed
         )
+        counts = [f"{len(media)} {kind}(s)" for kind, media in (("image", images), ("video", videos)) if media]
+        kinds = " and ".join(kind for kind, media in (("image", images), ("video", videos)) if media)
+        fewer = " or ".join(
+            [
+                *(["`image_max_pixels`"] if images else []),
+                *(["`video_max_pixels` or `video_maxlen`"] if videos else []),
+            ]
+        )
         return (
-            f"needs {len(positions)} image tokens for its {len(images)} image(s) in a prompt of {len(prompt_ids)} "
+            f"needs {len(positions)} {kinds} tokens for its {' and '.join(counts)} in a prompt of {len(prompt_ids)} "
             f"tokens (longest answer {answer_len}), but `cutoff_len: {self.cutoff_len}` keeps only {kept} prompt "
-            f"tokens and would cut through the image tokens; set `cutoff_len: {enough}` or more, or lower "
-            "`image_max_pixels` (fewer image tokens per image)"
+            f"tokens and would cut through the {kinds} tokens; set `cutoff_len: {enough}` or more, or lower {fewer} "
+            f"(fewer tokens per {kinds.replace(' and ', ' or ')})"
         )
 
-    def _encode(self, row: dict[str, Any], images: list[Image.Image]) -> tuple[list[int], int]:
-        """The prompt's token ids with images expanded, and the longer answer's length, as LLaMA-Factory encodes."""
+    def _encode(self, row: dict[str, Any], images: list[Image.Image], videos: list[Any]) -> tuple[list[int], int]:
+        """The prompt's token ids with images and videos expanded, and the longer answer's length, as LLaMA-Factory
+        encodes."""
         mm_plugin, answer_lens = self.template.mm_plugin, []
         # Only the prompt holds placeholders (pair_problems refuses them in answers), so its expansion, the costly
         # part that runs the image processor, is the same for both answers: done once.
         first = row["_prompt"] + row["_response"][:1]
-        prompt = mm_plugin.process_messages(first, images, [], [], self.processor)[:-1]
+        prompt = mm_plugin.process_messages(first, images, videos, [], self.processor)[:-1]
         for response in row["_response"][:2]:
             prompt_ids, answer_ids = self.template.encode_oneturn(
                 self.tokenizer, prompt + [response], row.get("_system"), row.get("_tools")
             )
             answer_lens.append(len(answer_ids) + bool(self.template.efficient_eos))
-        prompt_ids, _ = mm_plugin.process_token_ids(prompt_ids, None, images, [], [], self.tokenizer, self.processor)
+        prompt_ids, _ = mm_plugin.process_token_ids(
+            prompt_ids, None, images, videos, [], self.tokenizer, self.processor
+        )
         return prompt_ids, max(answer_lens)
 
 
 def pair_findings(
-    row: dict[str, Any], image_placeholder: str, media_dir: str, token_budget: Optional[ImageTokenBudget]
+    row: dict[str, Any],
+    image_placeholder: str,
+    media_dir: str,
+    token_budget: Optional[VisualTokenBudget],
+    video_placeholder: str = "<video>",
+    video_refusal: Optional[str] = None,
 ) -> dict[str, Any]:
     """What the checks find in one aligned sample: its problems, whether its answers are identical, whether it
-    has an image."""
-    problems = pair_problems(row, image_placeholder)
+    has an image or a video."""
+    problems = pair_problems(row, image_placeholder, video_placeholder, video_refusal)
     decoded = [decoded_image(image, media_dir) for image in row.get("_images") or []]
     problems += [problem for _, problem in decoded if problem]
-    if not problems and token_budget is not None:  # encoding needs readable, matching images
-        problems = [problem for problem in [token_budget.problem(row, [image for image, _ in decoded])] if problem]
-    return {"problems": problems, "identical": identical_answers(row), "has_image": bool(row.get("_images"))}
+    videos = row.get("_videos") or []
+    if token_budget is not None and not problems:
+        problems += [problem for video in videos if (problem := token_budget.video_problem(video))]
+    if not problems and token_budget is not None:  # encoding needs readable, matching images and videos
+        problems = [
+            problem for problem in [token_budget.problem(row, [image for image, _ in decoded], videos)] if problem
+        ]
+    visual = bool(row.get("_images")) or bool(videos)
+    return {"problems": problems, "identical": identical_answers(row), "has_visual": visual}
 
 
-FINDINGS = Features({"problems": Sequence(Value("string")), "identical": Value("bool"), "has_image": Value("bool")})
+FINDINGS = Features({"problems": Sequence(Value("string")), "identical": Value("bool"), "has_visual": Value("bool")})
 
 
 def check_preference_data(
     datasets: dict[str, "Dataset"],
     image_placeholder: str = "<image>",
     media_dir: str = "",
-    token_budget: Optional[ImageTokenBudget] = None,
+    token_budget: Optional[VisualTokenBudget] = None,
     num_workers: Optional[int] = None,
+    video_placeholder: str = "<video>",
+    video_refusal: Optional[str] = None,
 ) -> tuple[int, int, list[str]]:
-    """Raise one ``ValueError`` listing the problems of all samples; return (pairs, pairs without image, the
-    samples whose answers are identical).
+    """Raise one ``ValueError`` listing the problems of all samples; return (pairs, pairs without image or video,
+    the samples whose answers are identical).
 
     ``datasets`` maps each dataset name to its aligned rows. The samples are checked as LLaMA-Factory tokenises
     them, with ``Dataset.map`` on ``num_workers`` processes (``preprocessing_num_workers``) and a progress bar:
-    decoding every image and expanding it into tokens is as much work as the tokenising itself.
+    decoding every image and video and expanding it into tokens is as much work as the tokenising itself.
     """
-    problems, num_pairs, without_image, identical = [], 0, 0, []
+    problems, num_pairs, without_visual, identical = [], 0, 0, []
     for name, dataset in datasets.items():
         findings = dataset.map(
             pair_findings,
-            fn_kwargs={"image_placeholder": image_placeholder, "media_dir": media_dir, "token_budget": token_budget},
+            fn_kwargs={
+                "image_placeholder": image_placeholder,
+                "media_dir": media_dir,
+                "token_budget": token_budget,
+                "video_placeholder": video_placeholder,
+                "video_refusal": video_refusal,
+            },
             remove_columns=dataset.column_names,
             features=FINDINGS,
             num_proc=num_workers,
@@ -210,7 +275,7 @@ def check_preference_data(
         )
         for index, finding in enumerate(findings):
             num_pairs += 1
-            without_image += not finding["has_image"]
+            without_visual += not finding["has_visual"]
             sample = f"dataset `{name}`, sample {index}"
             if finding["identical"]:
                 identical.append(sample)
@@ -219,7 +284,7 @@ def check_preference_data(
     if problems:
         count = len(problems)
         raise ValueError(f"The preference data has {count} problem(s); fix them before training:{_listed(problems)}")
-    return num_pairs, without_image, identical
+    return num_pairs, without_visual, identical
 
 
 def _listed(items: list[str]) -> str:
@@ -348,28 +413,39 @@ def check_pairs(
     data_args: "DataArguments",
     training_args: Any,
 ) -> None:
-    """Refuse unreadable dataset files, bad samples (named) and image-free training data; image-less pairs
-    train as DPO pairs (weight 1)."""
+    """Refuse unreadable dataset files, bad samples (named) and training data without images or videos; pairs
+    without either train as DPO pairs (weight 1)."""
+    if getattr(model_args, "use_audio_in_video", False):
+        raise ValueError(
+            "`use_audio_in_video: true` is not supported by stage tpo: it corrupts video frames, not their audio, "
+            "so the audio would train uncorrupted. Remove `use_audio_in_video`."
+        )
     file_problems = dataset_file_problems(data_args)
     if file_problems:
         raise ValueError(f"{len(file_problems)} dataset file(s) cannot be read as samples:{_listed(file_problems)}")
 
-    token_budget = ImageTokenBudget(
+    token_budget = VisualTokenBudget(
         template, tokenizer_module["tokenizer"], tokenizer_module["processor"], data_args.cutoff_len
     )
     for split, names in (("training", data_args.dataset), ("evaluation", data_args.eval_dataset)):
         datasets = aligned_datasets(names, model_args, data_args, training_args)
-        num_pairs, without_image, identical = check_preference_data(
-            datasets, IMAGE_PLACEHOLDER, data_args.media_dir, token_budget, data_args.preprocessing_num_workers
+        num_pairs, without_visual, identical = check_preference_data(
+            datasets,
+            IMAGE_PLACEHOLDER,
+            data_args.media_dir,
+            token_budget,
+            data_args.preprocessing_num_workers,
+            VIDEO_PLACEHOLDER,
+            video_refusal(data_args.template, template),
         )
         check_identical_answers(identical, num_pairs, split)
-        if split == "training" and num_pairs and without_image == num_pairs:
+        if split == "training" and num_pairs and without_visual == num_pairs:
             raise ValueError(
-                "No training pair has an image, but stage tpo weights tokens by how much they depend on the image; "
-                "check the `images` column of the dataset, or train with `stage: dpo`."
+                "No training pair has an image or a video, but stage tpo weights tokens by how much they depend on "
+                "them; check the `images` and `videos` columns of the dataset, or train with `stage: dpo`."
             )
-        if without_image:
+        if without_visual:
             logger.warning_rank0(
-                f"{without_image} of {num_pairs} {split} pairs have no image; "
+                f"{without_visual} of {num_pairs} {split} pairs have no image or video; "
                 "they train as plain DPO pairs (weight 1)."
             )

@@ -13,7 +13,7 @@ LLaMA-Factory 0.9.5 has no template for Idefics3 / SmolVLM or LLaVA-OneVision, s
 ``llamafactory-cli`` at all, with any stage.
 """
 
-from typing import Optional
+from typing import Any, Optional
 
 from llamafactory.extras import logging
 
@@ -87,6 +87,37 @@ NO_TEMPLATE = {
     "LLaVA-OneVision": "LLaMA-Factory 0.9.5 has no template (nor multimodal plugin) for it",
 }
 """Families transformers builds but LLaMA-Factory 0.9.5 cannot train at all."""
+
+
+VIDEO_TRAINED = {
+    "qwen2_vl": "Qwen2-VL and Qwen2.5-VL",
+    "qwen3_vl": "Qwen3-VL, thinking models",
+    "qwen3_vl_nothink": "Qwen3-VL, instruct models",
+}
+"""Templates with which stage tpo has trained video pairs in the tests (``tests/test_video.py``)."""
+
+VIDEO_FAILS = {
+    "video_llava": "LLaMA-Factory 0.9.5 passes `images=` to its video processor, which transformers 5 refuses",
+    "llava_next_video": "LLaMA-Factory 0.9.5 passes `images=` to its video processor, which transformers 5 refuses",
+}
+"""Video templates whose videos LLaMA-Factory cannot turn into model inputs here, with any stage."""
+
+
+def video_refusal(template_name: Optional[str], template: Any) -> Optional[str]:
+    """Why stage tpo refuses video pairs with this template, or ``None`` when it trains them.
+
+    Video pairs are refused with templates not trained with videos here: unlike an untested image family, a video
+    family's frame handling differs from one plugin to the next, so a warning would not be enough.
+    """
+    if template_name in VIDEO_TRAINED:
+        return None
+    if template.mm_plugin.video_token is None:
+        return f"template `{template_name}` takes no videos"
+    why = VIDEO_FAILS.get(template_name or "", "stage tpo has not trained video pairs with it yet")
+    return (
+        f"template `{template_name}` is not one stage tpo trains videos with ({why}); video pairs train with "
+        f"{', '.join(VIDEO_TRAINED)}, or with `stage: dpo`"
+    )
 
 
 def check_template_family(template_name: Optional[str]) -> None:

@@ -98,7 +98,7 @@ def _model_files(path: Optional[str]) -> Any:
     return files
 
 
-def _image_identity(image: Any) -> Any:
+def _media_identity(image: Any) -> Any:
     if isinstance(image, str) and os.path.isfile(image):
         return _file_digest(image)
     if isinstance(image, dict) and image.get("bytes") is not None:
@@ -107,12 +107,13 @@ def _image_identity(image: Any) -> Any:
 
 
 def data_digest(datasets: list[Any]) -> str:
-    """A digest of the pairs' tokens, labels, images (file contents) and keys, in order."""
+    """A digest of the pairs' tokens, labels, images and videos (file contents) and keys, in order."""
     digest = hashlib.sha256()
     for dataset in datasets:
         for row in dataset:
             digest.update(json.dumps([row[PAIR_KEY], *(row[column] for column in _HASHED_COLUMNS)]).encode())
-            digest.update(json.dumps([_image_identity(image) for image in row.get("images") or []]).encode())
+            for media in (row.get("images") or [], row.get("videos") or []):
+                digest.update(json.dumps([_media_identity(item) for item in media]).encode())
     return digest.hexdigest()
 
 

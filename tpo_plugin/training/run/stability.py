@@ -1,14 +1,14 @@
 """The stability monitor: warn once when TPO's self-calibrated weight term runs away (docs/stability.md).
 
 The log-additive objective's margin holds, besides DPO's log-probability ratios, the weight term
-``sum (log c^theta - log c^ref)`` (docs/method.md §6, Eq. 14), and it has a gradient of its own: the policy
-earns margin by making its tokens' logits more image-dependent (raising its visual scores ``s``), with nothing to
-stop it. The trainer logs ``tpo/score_drift_chosen`` and ``tpo/score_drift_rejected`` (the policy's mean visual
-score minus the reference's on the same tokens) and ``tpo/weight_term_share`` (the share of the margins that comes
-from the weight term). ``RunawayMonitor`` is handed the metrics of every training batch, with ``logps/chosen``, and warns
-once, naming the step, when the run-away that ``benchmarks/hallucination_world_v2/STABILITY.md`` measured shows:
-the chosen answers losing the likelihood they had reached (their NLL doubled, and by a nat at least) while the
-policy's visual scores have risen.
+``sum (log c^theta - log c^ref)`` (docs/method.md §6, Eq. 14), and it has a gradient of its own: the policy earns
+margin by making its tokens' logits more image-dependent (raising its visual scores ``s``), with nothing to stop it.
+The trainer logs ``tpo/score_drift_chosen`` and ``tpo/score_drift_rejected`` (the policy's mean visual score minus the
+reference's on the same tokens) and ``tpo/weight_term_share`` (the share of the margins that comes from the weight
+term). ``RunawayMonitor`` is handed the metrics of every training batch, with ``logps/chosen``, and warns once, naming
+the step, when the run-away that ``benchmarks/hallucination_world_v2/STABILITY.md`` measured shows: the chosen answers
+losing the likelihood they had reached (their NLL doubled, and by a nat at least) while the policy's visual scores have
+risen.
 """
 
 import json
