@@ -19,6 +19,7 @@ RESULTS.md, "Evaluation: batched generation".
 
 import argparse
 import json
+import os
 import platform
 import random
 import sys
@@ -55,6 +56,15 @@ def build_model(name: str, root: Path, device: str) -> Path:
     from models import build_qwen2_vl
 
     return build_qwen2_vl(name, root / name, device=device, dtype="float32" if device == "cpu" else "bfloat16")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the machine type."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
 
 
 def measure(answerer, questions: list, batch_size: int) -> tuple[float, list[str]]:
@@ -109,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
             rows.append(row)
 
-    print(f"\n{args.model} on {args.device} ({platform.processor() or platform.machine()}), {len(questions)} questions, "
-          f"max_new_tokens {args.max_new_tokens}\n")  # fmt: skip
+    print(f"\n{args.model} on {args.device} ({cpu_name()}, {os.cpu_count()} logical CPUs), {len(questions)} "
+          f"questions, max_new_tokens {args.max_new_tokens}\n")  # fmt: skip
     print("| batch size | s | questions/s | × batch " + str(args.batch_sizes[0]) + " | same answers |")
     print("|---:|---:|---:|---:|---|")
     for row in rows:
