@@ -28,6 +28,14 @@ gradient norm and metrics as the plugin's trainer in the first two steps.
     python benchmarks/bench_tpo.py --device cpu --model qwen2-vl-2b-narrow --image-size 448 \\
         --answer-tokens 180 --threads 2 --warmup-steps 1 --measured-steps 3  # the GPU arithmetic / 64, ~8 min
     python benchmarks/bench_tpo.py --device cpu --image-size 448 --loader-workers 1  # collation off the step
+    python benchmarks/bench_tpo.py --device cpu --media video --variants dpo,tpo     # video pairs, ~1 min
+
+``--media video`` trains on video pairs instead: one video per pair of ``--video-frames`` frames (default 8) at
+``--image-size`` pixels, written with PyAV (PNG frames in a QuickTime file, the pair's image shifted a little
+each frame) at LLaMA-Factory's default ``video_fps`` of 2 frames a second, so that its frame sampling passes every
+frame to the model. Before training, it also times in this process what stage tpo's collator does per video in
+the loader's workers (``ImageCorrupter.load_videos``: decode, sample and resize; ``corrupted_frames``: the noise)
+over the benchmark's videos, and reports frames/s of each.
 
 Everything is built locally (random weights, a locally trained tokenizer, PIL images): nothing is downloaded.
 """
@@ -110,6 +118,10 @@ CHECKED_LOG_PREFIXES = (
     "tpo/",
 )
 PAIR_COLUMNS = {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "images": "images"}
+VIDEO_PAIR_COLUMNS = {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "videos": "videos"}
+# LLaMA-Factory's default `video_fps`: it samples floor(duration x 2) frames of a video. The benchmark's videos are
+# written at this rate, so every frame of a file reaches the model (measured and reported, not assumed).
+VIDEO_FPS = 2
 COLOURS = ["red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black"]
 FILLER = [
     "The {colour} {obj} is in the middle of the picture.",
@@ -129,6 +141,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     parser.add_argument("--model", choices=MODELS, help="tiny (CPU default), qwen2-vl-2b (GPU default) or a scaling")
     parser.add_argument("--image-size", type=int, help="square image side in pixels (CPU 112, GPU 448)")
+    parser.add_argument(
+        "--media", choices=["image", "video"], default="image", help="one image or one video per pair (default image)"
+    )
+    parser.add_argument("--video-frames", type=int, default=8, help="frames per video with --media video (default 8)")
     parser.add_argument("--answer-tokens", type=int, help="approximate tokens per answer (CPU 64, GPU 180)")
     parser.add_argument("--question-tokens", type=int, default=20, help="approximate tokens per question")
     parser.add_argument("--batch-pairs", type=int, default=4, help="preference pairs per step")
@@ -159,6 +175,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             parser.error(f"--variants {name!r}: expected some of {', '.join(VARIANTS)}")
     if args.warmup_steps < 0 or args.measured_steps < 1 or args.repeats < 1:
         parser.error("--warmup-steps must be >= 0, --measured-steps and --repeats >= 1")
+    if args.video_frames < 1:
+        parser.error("--video-frames must be >= 1")
     return args
 
 
@@ -190,8 +208,31 @@ def text_of_tokens(tokenizer: Any, sentences: list[str], tokens: int) -> str:
     return text
 
 
+def write_video(path: pathlib.Path, image_path: pathlib.Path, frames: int) -> pathlib.Path:
+    """A video of ``frames`` PNG frames in a QuickTime file at VIDEO_FPS (lossless, as tests/test_video.py writes
+    them): the image, shifted right by a few pixels more in each frame (wrapping round), so the frames differ."""
+    import av
+    from PIL import Image, ImageChops
+
+    image = Image.open(image_path).convert("RGB")
+    container = av.open(str(path), "w", format="mov")
+    stream = container.add_stream("png", rate=VIDEO_FPS)
+    stream.width, stream.height = image.size
+    stream.pix_fmt = "rgb24"
+    shift = max(1, image.width // (4 * frames))
+    for index in range(frames):
+        frame = ImageChops.offset(image, index * shift, 0)
+        for packet in stream.encode(av.VideoFrame.from_image(frame)):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return path
+
+
 def write_dataset(args: argparse.Namespace, model_dir: pathlib.Path, data_dir: pathlib.Path) -> dict[str, float]:
-    """``bench_pairs``: one image per pair, a question and two answers of about the configured lengths.
+    """``bench_pairs``: one image (or, with ``--media video``, one video) per pair, a question and two answers of
+    about the configured lengths.
 
     The rejected answer gives the object the wrong colour and adds a dog, as a hallucination would.
     Returns the mean token counts measured with the model's tokenizer.
@@ -218,12 +259,18 @@ def write_dataset(args: argparse.Namespace, model_dir: pathlib.Path, data_dir: p
         }
         for key, text in texts.items():
             counts[key].append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        if args.media == "video":
+            (data_dir / "videos").mkdir(parents=True, exist_ok=True)
+            video = write_video(data_dir / "videos" / f"{image.stem}.mov", image, args.video_frames)
+            visual = {"videos": [str(video.relative_to(data_dir))]}
+        else:
+            visual = {"images": [str(image.relative_to(data_dir))]}
         rows.append(
             {
-                "conversations": [{"from": "human", "value": "<image>" + texts["question"]}],
+                "conversations": [{"from": "human", "value": f"<{args.media}>" + texts["question"]}],
                 "chosen": {"from": "gpt", "value": texts["chosen"]},
                 "rejected": {"from": "gpt", "value": texts["rejected"]},
-                "images": [str(image.relative_to(data_dir))],
+                **visual,
             }
         )
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -233,11 +280,68 @@ def write_dataset(args: argparse.Namespace, model_dir: pathlib.Path, data_dir: p
             "file_name": "bench_pairs.json",
             "formatting": "sharegpt",
             "ranking": True,
-            "columns": PAIR_COLUMNS,
+            "columns": VIDEO_PAIR_COLUMNS if args.media == "video" else PAIR_COLUMNS,
         }
     }
     (data_dir / "dataset_info.json").write_text(json.dumps(info, indent=1))
     return {f"{key}_tokens": statistics.mean(values) for key, values in counts.items()}
+
+
+def time_video_corruption(args: argparse.Namespace, model_dir: pathlib.Path, data_dir: pathlib.Path) -> dict:
+    """What stage tpo's collator does per video in the loader's workers, timed in this process on the benchmark's
+    videos: ``ImageCorrupter.load_videos`` (decode, LLaMA-Factory's frame sampling and resizing) and
+    ``corrupted_frames`` (the plugin's default diffusion noise at step 500, keyed by the step as in training).
+
+    The processor is LLaMA-Factory's for the recipe's model with its default video settings (``video_fps`` 2,
+    ``video_maxlen`` 128, ``video_max_pixels`` 65536). One untimed call first (imports, caches), then each video
+    once. Single process, ``--threads`` threads.
+    """
+    import torch
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments, ModelArguments
+    from llamafactory.model import load_tokenizer
+
+    from tpo_plugin.hparams.tpo_args import TPOArguments
+    from tpo_plugin.training.batch.corruption import ImageCorrupter
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer_module = load_tokenizer(ModelArguments(model_name_or_path=str(model_dir)))
+    template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], DataArguments(template="qwen2_vl"))
+    defaults = TPOArguments()
+    corrupter = ImageCorrupter(
+        template,
+        tokenizer_module["processor"],
+        corruption=defaults.tpo_corruption,
+        noise_step=defaults.tpo_noise_step,
+        seed=args.seed,
+        noise_per=defaults.tpo_noise_per,
+    )
+    rows = json.loads((data_dir / "bench_pairs.json").read_text())
+    videos = [str(data_dir / video) for row in rows for video in row["videos"]]
+    corrupter.corrupted_frames(corrupter.load_videos(videos[:1])[0], 0)  # warm-up, untimed
+    frames_per_video, frame_sizes, decode_seconds, corrupt_seconds = [], set(), 0.0, 0.0
+    for index, video in enumerate(videos):
+        start = time.perf_counter()
+        (frames,) = corrupter.load_videos([video])
+        decoded = time.perf_counter()
+        corrupter.corrupted_frames(frames, index // args.batch_pairs)  # the step this pair trains at
+        decode_seconds += decoded - start
+        corrupt_seconds += time.perf_counter() - decoded
+        frames_per_video.append(len(frames))
+        frame_sizes.update(frame.size for frame in frames)
+    frames = sum(frames_per_video)
+    return {
+        "videos": len(videos),
+        "frames_per_video": sorted(set(frames_per_video)),  # the frames that reach the model
+        "frame_sizes": sorted(frame_sizes),
+        "decode_sample_resize_frames_per_s": frames / decode_seconds,
+        "corruption_frames_per_s": frames / corrupt_seconds,
+        "both_frames_per_s": frames / (decode_seconds + corrupt_seconds),
+        "ms_per_video": 1000 * (decode_seconds + corrupt_seconds) / len(videos),
+        "threads": args.threads or torch.get_num_threads(),
+        "video_fps": getattr(tokenizer_module["processor"], "video_fps", None),  # LLaMA-Factory's sampling rate
+    }
 
 
 def recipe(args: argparse.Namespace, config: str, variant: str, model_dir, data_dir, output_dir) -> dict[str, Any]:
@@ -500,9 +604,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
     started, load_at_start = time.perf_counter(), os.getloadavg()
     model_dir = build_model(args, work_dir)
-    data_dir = work_dir / "data"
+    data_dir = work_dir / ("data-video" if args.media == "video" else "data")
     data_stats = write_dataset(args, model_dir, data_dir)
     log(f"data: {json.dumps({key: round(value, 1) for key, value in data_stats.items()})}")
+    video_corruption = None
+    if args.media == "video":
+        video_corruption = time_video_corruption(args, model_dir, data_dir)
+        log(f"video corruption in the loader, one process: {json.dumps(video_corruption)}")
 
     settings = {
         "model": args.model,
@@ -517,6 +625,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         "seed": args.seed,
         "loader_workers": args.loader_workers,
     }
+    if args.media == "video":
+        settings.update(media="video", video_frames=args.video_frames, video_file_fps=VIDEO_FPS)
+        settings["frames_to_model_per_pair"] = video_corruption["frames_per_video"]
     report = {
         "benchmark": "tpo_vs_dpo",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -527,6 +638,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "settings": settings,
         "configurations": {},
     }
+    if video_corruption is not None:
+        report["video_corruption"] = video_corruption
     signal.signal(signal.SIGTERM, stop_on_sigterm)  # `timeout`: report what finished, end the running child
     try:
         for config in args.configs:
@@ -544,12 +657,28 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     report["total_seconds"] = time.perf_counter() - started
     report["load_average"] = {"start": load_at_start, "end": os.getloadavg()}
+    media = f"{args.image_size}×{args.image_size} images"
+    if video_corruption is not None:
+        to_model = "/".join(str(count) for count in video_corruption["frames_per_video"])
+        media = (
+            f"one {args.video_frames}-frame {args.image_size}×{args.image_size} video per pair at {VIDEO_FPS} fps "
+            f"({to_model} frames reach the model)"
+        )
     header = (
-        f"{args.model} Qwen2-VL, {args.batch_pairs} pairs/step, {args.image_size}×{args.image_size} images, "
+        f"{args.model} Qwen2-VL, {args.batch_pairs} pairs/step, {media}, "
         f"answers ~{data_stats['chosen_tokens']:.0f} tokens, {args.precision}, median of "
         f"{args.measured_steps * args.repeats} steps after {args.warmup_steps} warm-up, {report['device']}"
     )
     print("\n\n".join(markdown_table(config, result, header) for config, result in report["configurations"].items()))
+    if video_corruption is not None:
+        print(
+            f"\nCorrupting in the loader, one process, {video_corruption['threads']} thread(s), "
+            f"{video_corruption['videos']} videos of {to_model} frames: decode + sample + resize "
+            f"{video_corruption['decode_sample_resize_frames_per_s']:.0f} frames/s, corruption alone "
+            f"{video_corruption['corruption_frames_per_s']:.0f} frames/s, both "
+            f"{video_corruption['both_frames_per_s']:.0f} frames/s "
+            f"({video_corruption['ms_per_video']:.1f} ms a video)."
+        )
     print(json.dumps(report))
     if args.output:
         pathlib.Path(args.output).write_text(json.dumps(report, indent=1))
