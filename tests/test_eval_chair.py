@@ -205,6 +205,16 @@ def test_bad_input_is_refused_with_its_file_before_anything_is_loaded(tmp_path, 
     assert tpo_plugin(chair_args(annotations, output_dir, "--captions", str(tmp_path / "bad.jsonl"))) == 2
     assert "bad.jsonl line 1: not valid JSON" in capsys.readouterr().err
 
+    instances = json.loads((annotations / "instances_val2014.json").read_text())
+    del instances["annotations"][3]["category_id"]
+    (annotations / "instances_val2014.json").write_text(json.dumps(instances))
+    assert tpo_plugin(chair_args(annotations, output_dir, "--captions", str(tmp_path / "bad.jsonl"))) == 2
+    assert (
+        f"{annotations / 'instances_val2014.json'}: not a COCO annotation file (an entry lacks 'category_id')"
+        in capsys.readouterr().err
+    )
+    write_coco(annotations)
+
     (annotations / "captions_val2014.json").write_text('{"images": []')
     captions = write_captions(tmp_path / "captions.jsonl", CAPTIONS)
     assert tpo_plugin(chair_args(annotations, output_dir, "--captions", str(captions))) == 2

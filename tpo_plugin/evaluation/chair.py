@@ -225,22 +225,26 @@ def read_ground_truth(annotation_dir: Path, vocabulary: Vocabulary) -> GroundTru
     captions mention (the reference's ``get_annotations``), for every image either file lists."""
     instances = read_coco_file(annotation_dir / INSTANCES_FILE, ("images", "annotations", "categories"))
     captions = read_coco_file(annotation_dir / CAPTIONS_FILE, ("images", "annotations"))
-    file_names = {
-        id_key(image["id"]): image.get("file_name", "") for image in instances["images"] + captions["images"]
-    }
-    objects: dict[str, set[str]] = {key: set() for key in file_names}
-    category_names = {category["id"]: category["name"] for category in instances["categories"]}
-    unknown = sorted(set(category_names.values()) - set(vocabulary.object_of))
-    if unknown:
-        problem = f"categories not in CHAIR's synonym list (not COCO's?): {', '.join(unknown)}"
-        raise EvalInputError([f"{annotation_dir / INSTANCES_FILE}: {problem}"])
-    for annotation in instances["annotations"]:
-        category = vocabulary.object_of[category_names[annotation["category_id"]]]
-        objects.setdefault(id_key(annotation["image_id"]), set()).add(category)
-    for annotation in captions["annotations"]:
-        mentioned = {category for _, category in vocabulary.mentions(annotation["caption"])}
-        objects.setdefault(id_key(annotation["image_id"]), set()).update(mentioned)
-    return GroundTruth(objects, file_names)
+    path = annotation_dir / INSTANCES_FILE
+    try:
+        file_names = {image["id"]: image.get("file_name", "") for image in instances["images"]}
+        category_names = {category["id"]: category["name"] for category in instances["categories"]}
+        unknown = sorted(set(category_names.values()) - set(vocabulary.object_of))
+        if unknown:
+            problem = f"categories not in CHAIR's synonym list (not COCO's?): {', '.join(unknown)}"
+            raise EvalInputError([f"{path}: {problem}"])
+        instance_objects = [(a["image_id"], vocabulary.object_of[category_names[a["category_id"]]])
+                            for a in instances["annotations"]]  # fmt: skip
+        path = annotation_dir / CAPTIONS_FILE
+        file_names.update({image["id"]: image.get("file_name", "") for image in captions["images"]})
+        caption_objects = [(a["image_id"], category) for a in captions["annotations"]
+                           for _, category in vocabulary.mentions(a["caption"])]  # fmt: skip
+    except (KeyError, TypeError, AttributeError) as error:  # an entry without "id", "image_id", ...
+        raise EvalInputError([f"{path}: not a COCO annotation file (an entry lacks {error})"]) from None
+    objects: dict[str, set[str]] = {id_key(image_id): set() for image_id in file_names}
+    for image_id, category in instance_objects + caption_objects:
+        objects.setdefault(id_key(image_id), set()).add(category)
+    return GroundTruth(objects, {id_key(image_id): name for image_id, name in file_names.items()})
 
 
 def read_captions(path: Path, ground_truth: GroundTruth) -> dict[str, tuple[int | str, str]]:
