@@ -111,6 +111,9 @@ def render() -> str:
         )
 
     lf_fields = {field.name: field for field in fields(FinetuningArguments)}
+    # The class's annotations, not Field.type: transformers' HfArgumentParser rewrites Field.type in place (it drops
+    # the None of an Optional), so the page would depend on whether a parser was built before it.
+    lf_hints = typing.get_type_hints(FinetuningArguments)
     lines += [
         "",
         "## LLaMA-Factory's RLHF keys that stage tpo reads",
@@ -123,7 +126,7 @@ def render() -> str:
     ]
     for name, note in RLHF_KEYS.items():
         field = lf_fields[name]
-        values = _values(field.type)
+        values = _values(lf_hints[name])
         lines.append(f"| `{name}` | {values} | `{_default(field.default)}` | {_help(field)} | {note} |")
 
     lines += [

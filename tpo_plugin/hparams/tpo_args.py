@@ -15,7 +15,7 @@ from ..method.noise import NUM_NOISE_STEPS
 
 
 CORRUPTIONS = ("diffusion", "blank")
-REWARD_SIDES = ("both", "chosen", "rejected")
+REWARD_SIDES = ("both", "chosen", "rejected", "none")
 WEIGHTINGS = ("log_additive", "multiplicative")
 NOISE_SCHEDULES = ("step", "sample")
 SCORE_KINDS = ("logit", "logprob")
@@ -45,11 +45,12 @@ class TPOArguments:
             "help": "Offset a of the token weight c = a + sigmoid(±s), a float >= 0 (docs/method.md §3). Default 0.5."
         },
     )
-    tpo_reward_on: Literal["both", "chosen", "rejected"] = field(
+    tpo_reward_on: Literal["both", "chosen", "rejected", "none"] = field(
         default="both",
         metadata={
             "help": "Which response gets token weights: `both`, `chosen` or `rejected`; the other side's tokens get "
-            "weight 1 (docs/method.md §3). Default both."
+            "weight 1 (docs/method.md §3). `none`: every token weight 1, so the margin is DPO's (with the "
+            "conditional and anchor terms, mDPO's objective). Default both."
         },
     )
     tpo_score: Literal["logit", "logprob"] = field(
@@ -84,6 +85,23 @@ class TPOArguments:
             "with multiplicative, whose weights have no gradient to bound); a float >= 0, 0 turns it off "
             "(docs/method.md §4). "
             "Default 0."
+        },
+    )
+    tpo_conditional_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of mDPO's conditional image preference, added to the loss: the chosen answer given the "
+            "image is preferred over the same answer given the corrupted image, -log sigmoid(beta * (r(y_w|v) - "
+            "r(y_w|v_k))) with r = log p_theta - log p_ref (docs/method.md Eq. 17). A float >= 0, 0 turns it off; "
+            "needs `pref_loss: sigmoid`. Default 0."
+        },
+    )
+    tpo_anchor_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of mDPO's reward anchor, added to the loss: -log sigmoid(beta * r(y_w|v)) keeps the "
+            "chosen answer's reward positive (docs/method.md Eq. 18). A float >= 0, 0 turns it off; needs "
+            "`pref_loss: sigmoid`. Default 0."
         },
     )
     tpo_noise_per: Literal["step", "sample"] = field(
@@ -142,6 +160,9 @@ class TPOArguments:
                 f"{self.tpo_weighting}`: its token weights are detached, so there is no weight term to bound. Set "
                 f"`tpo_weighting: log_additive`, or `tpo_weight_clip: 0`."
             )
+
+        for key in ("tpo_conditional_weight", "tpo_anchor_weight"):
+            setattr(self, key, checked_number(key, getattr(self, key), ">= 0 (0: off)", _at_least_zero))
 
         if not isinstance(self.tpo_detach_reward, bool):
             raise ValueError(f"`tpo_detach_reward` must be true or false, got {self.tpo_detach_reward!r}.")
@@ -224,6 +245,12 @@ class TPOFinetuningArguments(FinetuningArguments, TPOArguments):
         )
         if self.pref_loss != "sigmoid" and self.dpo_label_smoothing > 1e-6:
             raise ValueError("`dpo_label_smoothing` is only valid with `pref_loss: sigmoid`.")
+        for key in ("tpo_conditional_weight", "tpo_anchor_weight"):
+            if getattr(self, key) > 0 and self.pref_loss != "sigmoid":  # mDPO defines both terms as log-sigmoids
+                raise ValueError(
+                    f"`{key}: {getattr(self, key):g}` needs `pref_loss: sigmoid` (mDPO's terms are log-sigmoid "
+                    f"losses), got `pref_loss: {self.pref_loss}`. Set `pref_loss: sigmoid`, or `{key}: 0`."
+                )
 
         unsupported = {
             "pref_bco_weight": self.pref_bco_weight > 1e-6,

@@ -181,6 +181,28 @@ def preference_losses(
     raise ValueError(f"Unknown TPO loss type {loss_type!r}; expected sigmoid, hinge or ipo.")
 
 
+def conditional_preference_losses(
+    clean_logratios: torch.Tensor, corrupted_logratios: torch.Tensor, beta: float
+) -> torch.Tensor:
+    r"""mDPO's conditional image preference, per pair (docs/method.md Eq. 17):
+    ``-log sigmoid(beta * (r(y_w | x, v) - r(y_w | x, v_k)))``.
+
+    ``clean_logratios`` and ``corrupted_logratios`` are the chosen answer's ``log p_theta - log p_ref`` summed over
+    its tokens, with the clean image ``v`` and with the corrupted image ``v_k``: the policy is rewarded for making
+    the chosen answer depend on the image, relative to the reference, whatever the rejected answer says.
+    """
+    return -F.logsigmoid(beta * (clean_logratios - corrupted_logratios))
+
+
+def anchor_losses(chosen_logratios: torch.Tensor, beta: float, delta: float = 0.0) -> torch.Tensor:
+    r"""mDPO's reward anchor, per pair (docs/method.md Eq. 18): ``-log sigmoid(beta * r(y_w | x, v) - delta)``.
+
+    It keeps the chosen answer's reward ``beta * (log p_theta - log p_ref)`` above ``delta`` (mDPO: 0), so the
+    preference cannot be won by lowering both answers' likelihood.
+    """
+    return -F.logsigmoid(beta * chosen_logratios - delta)
+
+
 def clip_log_weight_change(
     policy_log_weight: torch.Tensor, ref_log_weight: torch.Tensor, bound: float
 ) -> torch.Tensor:
@@ -221,8 +243,8 @@ def token_visual_scores_and_log_weights(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Visual scores ``s`` and log token weights ``log c`` of one model's response tokens (docs/method.md §2–§3).
 
-    Rows are chosen then rejected sequences; ``has_image`` (B,) marks rows whose pair has an image.
-    Rows without an image, the side that ``reward_on`` leaves out, and non-response positions get
+    Rows are chosen then rejected sequences; ``has_image`` (B,) marks rows whose pair has an image (or video).
+    Rows without an image, the side that ``reward_on`` leaves out (``none``: both), and non-response positions get
     ``s = 0`` (no image) and ``log c = 0``, i.e. weight 1. ``corrupted`` is ``None`` when the batch has
     no image at all.
     """
@@ -243,7 +265,7 @@ def token_visual_scores_and_log_weights(
             log_token_weight(rejected_score, rejected=True, offset=offset),
         ]
     )
-    weighted_rows = has_image.clone()
+    weighted_rows = has_image.clone() if reward_on != "none" else torch.zeros_like(has_image)
     if reward_on == "chosen":
         weighted_rows[num_pairs:] = False
     elif reward_on == "rejected":
@@ -267,6 +289,8 @@ class TPOBatchLoss(NamedTuple):
     score_drift: torch.Tensor  # (2n, T) s^theta - s^ref; 0 where s is, and everywhere without ref_corrupted
     normalizer_drift: torch.Tensor  # (2n, T) the policy's log_normalizer_gap minus the reference's; 0 as score_drift
     weight_term_share: Optional[torch.Tensor]  # () share of the margins from the weights; None if multiplicative
+    conditional_margin: Optional[torch.Tensor]  # (n,) beta * (r(y_w|v) - r(y_w|v_k)); None without that term
+    anchor_reward: Optional[torch.Tensor]  # (n,) beta * r(y_w|v), plain log-ratio; None without the anchor
 
 
 def tpo_batch_loss(
@@ -286,6 +310,8 @@ def tpo_batch_loss(
     detach_reward: bool = False,
     weighting: str = "log_additive",
     weight_clip: float = 0.0,
+    conditional_weight: float = 0.0,
+    anchor_weight: float = 0.0,
 ) -> TPOBatchLoss:
     r"""The visual-aware DPO objective of a batch of n pairs (docs/method.md §4).
 
@@ -294,6 +320,10 @@ def tpo_batch_loss(
     policy's weights ``c^theta``; ``weight_clip > 0`` bounds each token's ``log c^theta - log c^ref``
     (:func:`clip_log_weight_change`). ``multiplicative``: ``sum c^theta * log p`` for policy and reference
     alike, with ``c^theta`` detached; ``ref_corrupted`` is not used by the loss (only by the score drift).
+    ``conditional_weight`` and ``anchor_weight`` add mDPO's conditional image preference and reward anchor
+    (:func:`conditional_preference_losses`, :func:`anchor_losses`; docs/method.md §11) on the chosen answers'
+    plain log-ratios; the conditional term needs ``policy_corrupted`` and ``ref_corrupted``, and is 0 for pairs
+    without an image.
     """
     token_weighting = {"score_kind": score_kind, "reward_on": reward_on, "offset": offset}
     policy_score, policy_log_weight = token_visual_scores_and_log_weights(
@@ -332,6 +362,26 @@ def tpo_batch_loss(
             policy_clean.logp[:num_pairs], torch.zeros_like(policy_clean.logp[:num_pairs]), mask[:num_pairs], True
         )
 
+    no_weight = torch.zeros_like(policy_clean.logp[:num_pairs])
+    conditional_margin = anchor_reward = None
+    if conditional_weight > 0 or anchor_weight > 0:  # the chosen answers' plain log-ratio, with the clean image
+        clean_logratios = sequence_logps(
+            policy_clean.logp[:num_pairs] - ref_clean.logp[:num_pairs], no_weight, mask[:num_pairs]
+        )
+    if anchor_weight > 0:
+        losses = losses + anchor_weight * anchor_losses(clean_logratios, beta)
+        anchor_reward = beta * clean_logratios.detach()
+    if conditional_weight > 0:
+        with_image = has_image[:num_pairs]
+        corrupted_logratios = clean_logratios  # no corrupted pass: no pair of the batch has an image
+        if policy_corrupted is not None and ref_corrupted is not None:
+            corrupted_logratios = sequence_logps(
+                policy_corrupted.logp[:num_pairs] - ref_corrupted.logp[:num_pairs], no_weight, mask[:num_pairs]
+            )
+        conditional = conditional_preference_losses(clean_logratios, corrupted_logratios, beta)
+        losses = losses + conditional_weight * torch.where(with_image, conditional, 0.0)
+        conditional_margin = beta * (clean_logratios - corrupted_logratios).detach()
+
     if ref_corrupted is None or policy_corrupted is None:
         normalizer_drift = torch.zeros_like(policy_score)
     else:
@@ -351,4 +401,6 @@ def tpo_batch_loss(
         score_drift=torch.zeros_like(policy_score) if ref_corrupted is None else (policy_score - ref_score).detach(),
         normalizer_drift=normalizer_drift,
         weight_term_share=share,
+        conditional_margin=conditional_margin,
+        anchor_reward=anchor_reward,
     )

@@ -101,15 +101,31 @@ class BatchTokenScores(NamedTuple):
     labels: torch.Tensor  # (2n, L)
 
 
-def policy_weights_are_detached(finetuning_args: Any) -> bool:
-    """No gradient flows through c^theta: ``tpo_detach_reward``, or the multiplicative weighting (docs/method.md
-    Eq. 9)."""
-    return finetuning_args.tpo_detach_reward or finetuning_args.tpo_weighting == "multiplicative"
+def corrupted_passes_used(finetuning_args: Any) -> bool:
+    """Whether the loss reads the corrupted image at all: token weights (``tpo_reward_on`` other than ``none``) or
+    the conditional term. Without either every weight is 1 and the step runs DPO's passes only."""
+    return finetuning_args.tpo_reward_on != "none" or finetuning_args.tpo_conditional_weight > 0
 
 
-def reference_weights_are_used(finetuning_args: Any) -> bool:
-    """Only the log-additive weighting needs c^ref, hence the reference's corrupted pass."""
-    return finetuning_args.tpo_weighting == "log_additive"
+def policy_corrupted_pass_needs_graph(finetuning_args: Any) -> bool:
+    """Gradients flow through the policy's corrupted pass: through c^theta (log-additive weights, not detached:
+    docs/method.md Eq. 6) or through the conditional term's ``log p_theta(y_w | x, v_k)`` (Eq. 17)."""
+    weights_have_gradient = (
+        finetuning_args.tpo_weighting == "log_additive"
+        and finetuning_args.tpo_reward_on != "none"
+        and not finetuning_args.tpo_detach_reward
+    )
+    return weights_have_gradient or finetuning_args.tpo_conditional_weight > 0
+
+
+def weight_term_used(finetuning_args: Any) -> bool:
+    """The margin holds the weight term ``sum (log c^theta - log c^ref)`` (log-additive weights on some side)."""
+    return finetuning_args.tpo_weighting == "log_additive" and finetuning_args.tpo_reward_on != "none"
+
+
+def reference_corrupted_pass_used(finetuning_args: Any) -> bool:
+    """The loss reads the reference's corrupted pass: its weights c^ref, or the conditional term."""
+    return weight_term_used(finetuning_args) or finetuning_args.tpo_conditional_weight > 0
 
 
 def corrupted_pass_inputs(
@@ -232,7 +248,7 @@ class CustomTPOTrainer(CheckpointGuards, StepKeyedTraining, CustomDPOTrainer):
         images_on_any_rank = any_rank(self.accelerator, pairs.corrupted_inputs is not None)
         corrupted_inputs = corrupted_pass_inputs(pairs.inputs, pairs.corrupted_inputs, images_on_any_rank)
         self.image_features.clear()
-        with_corrupted = reference_weights_are_used(self.finetuning_args)
+        with_corrupted = reference_corrupted_pass_used(self.finetuning_args)
         clean, corrupted = self._reference_token_scores(
             self.model_wrapped, pairs.inputs, corrupted_inputs if with_corrupted else None, pairs.labels
         )
@@ -263,14 +279,16 @@ class CustomTPOTrainer(CheckpointGuards, StepKeyedTraining, CustomDPOTrainer):
         (:mod:`tpo_plugin.training.diagnostics.token_view`) both start here.
         """
         inputs, corrupted_inputs, labels, has_image, pair_keys = self._unpack_batch(batch, step_key)
+        if not (reference_scores or corrupted_passes_used(self.finetuning_args)):
+            corrupted_inputs = None  # no loss term reads the corrupted image: DPO's passes, on every rank alike
         images_on_any_rank = any_rank(self.accelerator, corrupted_inputs is not None)  # every rank calls this
         corrupted_inputs = corrupted_pass_inputs(inputs, corrupted_inputs, images_on_any_rank)
         self.image_features.clear()  # features of an earlier step's images are not reused
-        if corrupted_inputs is None or policy_weights_are_detached(self.finetuning_args):
+        if corrupted_inputs is None or not policy_corrupted_pass_needs_graph(self.finetuning_args):
             policy_clean, policy_mean_logits = self._token_scores(model, inputs, labels)
             policy_corrupted = None
             if corrupted_inputs is not None:
-                with torch.no_grad():  # c^theta is detached: its corrupted pass needs no graph
+                with torch.no_grad():  # no gradient flows through the corrupted pass: it needs no graph
                     policy_corrupted, _ = self._token_scores(model, corrupted_inputs, labels)
         else:  # gradients flow through both passes: run them as one batch
             (policy_clean, policy_corrupted), policy_mean_logits = self._paired_token_scores(
@@ -280,7 +298,7 @@ class CustomTPOTrainer(CheckpointGuards, StepKeyedTraining, CustomDPOTrainer):
         if self.reference_scores is not None:
             ref_clean, ref_corrupted = self.reference_scores.token_scores(pair_keys, policy_clean.mask)
         else:
-            with_corrupted = reference_scores or reference_weights_are_used(self.finetuning_args)
+            with_corrupted = reference_scores or reference_corrupted_pass_used(self.finetuning_args)
             ref_clean, ref_corrupted = self._reference_token_scores(
                 model, inputs, corrupted_inputs if with_corrupted else None, labels
             )
@@ -320,6 +338,8 @@ class CustomTPOTrainer(CheckpointGuards, StepKeyedTraining, CustomDPOTrainer):
             detach_reward=args.tpo_detach_reward,
             weighting=args.tpo_weighting,
             weight_clip=args.tpo_weight_clip,
+            conditional_weight=args.tpo_conditional_weight,
+            anchor_weight=args.tpo_anchor_weight,
         )
         if train_eval == "train":
             self._stop_unless_finite(result.losses, result.visual_score)
@@ -343,7 +363,11 @@ class CustomTPOTrainer(CheckpointGuards, StepKeyedTraining, CustomDPOTrainer):
             "tpo/weight_chosen": masked_mean(result.token_weight[:num_pairs], mask[:num_pairs]),
             "tpo/weight_rejected": masked_mean(result.token_weight[num_pairs:], mask[num_pairs:]),
         }
-        if reference_weights_are_used(args):  # the reference's visual scores exist: the stability monitor
+        if result.conditional_margin is not None:
+            metrics["tpo/conditional_margin"] = masked_mean(result.conditional_margin, has_image[:num_pairs])
+        if result.anchor_reward is not None:
+            metrics["tpo/anchor_reward"] = result.anchor_reward.mean()
+        if weight_term_used(args):  # the reference's visual scores exist: the stability monitor
             scored = mask & has_image.unsqueeze(-1)
             metrics["tpo/score_drift_chosen"] = masked_mean(result.score_drift[:num_pairs], scored[:num_pairs])
             metrics["tpo/score_drift_rejected"] = masked_mean(result.score_drift[num_pairs:], scored[num_pairs:])

@@ -60,6 +60,8 @@ PLOT_KEYS = [
     "tpo/score_drift_rejected",
     "tpo/normalizer_drift",
     "tpo/weight_term_share",
+    "tpo/conditional_margin",
+    "tpo/anchor_reward",
 ]
 
 
@@ -160,7 +162,8 @@ def run_tpo(
         f"corruption={finetuning_args.tpo_corruption}, reward_on={finetuning_args.tpo_reward_on}, "
         f"reward_offset={finetuning_args.tpo_reward_offset}, score={finetuning_args.tpo_score}, "
         f"detach_reward={finetuning_args.tpo_detach_reward}, weighting={finetuning_args.tpo_weighting}, "
-        f"weight_clip={finetuning_args.tpo_weight_clip}, "
+        f"weight_clip={finetuning_args.tpo_weight_clip}, conditional_weight={finetuning_args.tpo_conditional_weight}, "
+        f"anchor_weight={finetuning_args.tpo_anchor_weight}, "
         f"pref_loss={finetuning_args.pref_loss}, "
         f"pref_beta={finetuning_args.pref_beta}."
     )

@@ -55,6 +55,8 @@ def create_tpo_tab() -> dict[str, "Component"]:
                 tpo_detach_reward=gr.Checkbox(value=defaults["tpo_detach_reward"]),
                 tpo_weighting=gr.Dropdown(choices=list(WEIGHTINGS), value=defaults["tpo_weighting"]),
                 tpo_weight_clip=gr.Number(minimum=0, step=0.01, value=defaults["tpo_weight_clip"]),
+                tpo_conditional_weight=gr.Number(minimum=0, step=0.1, value=defaults["tpo_conditional_weight"]),
+                tpo_anchor_weight=gr.Number(minimum=0, step=0.1, value=defaults["tpo_anchor_weight"]),
                 tpo_noise_per=gr.Dropdown(choices=list(NOISE_SCHEDULES), value=defaults["tpo_noise_per"]),
                 tpo_precompute_ref=gr.Checkbox(value=defaults["tpo_precompute_ref"]),
                 tpo_allow_changed_settings=gr.Checkbox(value=defaults["tpo_allow_changed_settings"]),
@@ -174,22 +176,23 @@ _TEXTS: dict[str, dict[str, tuple[str, ...]]] = {
         "ru": (
             "Взвешиваемые ответы",
             "Какой ответ получает веса токенов: `both` (оба), `chosen` (предпочтительный) или `rejected` "
-            "(отвергнутый); токены другого ответа получают вес 1. По умолчанию both.",
+            "(отвергнутый); токены другого ответа получают вес 1; `none` — вес 1 у всех токенов (отступ DPO). "
+            "По умолчанию both.",
         ),
         "zh": (
             "加权的回答",
             "哪一侧回答使用 token 权重：`both`（两者）、`chosen`（优选回答）或 `rejected`（拒绝回答）；"
-            "另一侧的 token 权重为 1。默认 both。",
+            "另一侧的 token 权重为 1；`none` 表示所有 token 权重均为 1（即 DPO 的间隔）。默认 both。",
         ),
         "ko": (
             "가중치 적용 응답",
             "토큰 가중치를 받을 응답: `both`(둘 다), `chosen`(선호 응답) 또는 `rejected`(거부 응답). 다른 쪽 "
-            "토큰의 가중치는 1입니다. 기본값 both.",
+            "토큰의 가중치는 1입니다. `none`: 모든 토큰 가중치 1(DPO의 마진). 기본값 both.",
         ),
         "ja": (
             "重み付けする応答",
             "トークン重みを付ける応答：`both`（両方）、`chosen`（選好応答）、`rejected`（却下応答）。"
-            "もう一方のトークンの重みは 1。デフォルトは both。",
+            "もう一方のトークンの重みは 1。`none` はすべてのトークンの重みが 1（DPO のマージン）。デフォルトは both。",
         ),
     },
     "tpo_reward_offset": {
@@ -296,6 +299,53 @@ _TEXTS: dict[str, dict[str, tuple[str, ...]]] = {
             "重み変化の上限",
             "TPO の暴走対策：各トークンの log c^theta - log c^ref を ±この値に制限し、ポリシーが視覚スコアを"
             "さらに膨らませても報酬を得ないようにする（log_additive のみ）。0 以上の数、0 で無効。デフォルト 0。",
+        ),
+    },
+    "tpo_conditional_weight": {
+        "en": ("Conditional preference weight", _english_help("tpo_conditional_weight")),
+        "ru": (
+            "Вес условного предпочтения",
+            "Вес условного предпочтения по изображению из mDPO: предпочтительный ответ при исходном изображении "
+            "предпочитается тому же ответу при искажённом изображении. Число >= 0, 0 отключает; нужен "
+            "`pref_loss: sigmoid`. По умолчанию 0.",
+        ),
+        "zh": (
+            "条件偏好权重",
+            "mDPO 的条件图像偏好项权重：在原图条件下的优选回答优于同一回答在损坏图像条件下的情形。取值 >= 0，"
+            "0 表示关闭；需要 `pref_loss: sigmoid`。默认 0。",
+        ),
+        "ko": (
+            "조건부 선호 가중치",
+            "mDPO의 조건부 이미지 선호 항 가중치: 원본 이미지에서의 선호 응답을 손상된 이미지에서의 같은 응답보다 "
+            "선호합니다. 0 이상의 수, 0 은 끔. `pref_loss: sigmoid` 필요. 기본값 0.",
+        ),
+        "ja": (
+            "条件付き選好の重み",
+            "mDPO の条件付き画像選好項の重み：元画像での選好応答を、破損画像での同じ応答より選好する。"
+            "0 以上の数、0 で無効。`pref_loss: sigmoid` が必要。デフォルト 0。",
+        ),
+    },
+    "tpo_anchor_weight": {
+        "en": ("Reward anchor weight", _english_help("tpo_anchor_weight")),
+        "ru": (
+            "Вес якоря награды",
+            "Вес якоря награды из mDPO: удерживает награду предпочтительного ответа положительной. Число >= 0, "
+            "0 отключает; нужен `pref_loss: sigmoid`. По умолчанию 0.",
+        ),
+        "zh": (
+            "奖励锚定权重",
+            "mDPO 的奖励锚定项权重：使优选回答的奖励保持为正。取值 >= 0，0 表示关闭；需要 `pref_loss: sigmoid`。"
+            "默认 0。",
+        ),
+        "ko": (
+            "보상 앵커 가중치",
+            "mDPO의 보상 앵커 항 가중치: 선호 응답의 보상을 양수로 유지합니다. 0 이상의 수, 0 은 끔. "
+            "`pref_loss: sigmoid` 필요. 기본값 0.",
+        ),
+        "ja": (
+            "報酬アンカーの重み",
+            "mDPO の報酬アンカー項の重み：選好応答の報酬を正に保つ。0 以上の数、0 で無効。`pref_loss: sigmoid` "
+            "が必要。デフォルト 0。",
         ),
     },
     "tpo_noise_per": {
