@@ -78,7 +78,7 @@ FIXTURES = sorted(path.name.removesuffix(".jobs.json") for path in CHECKS_DIR.gl
 def test_every_check_has_its_recorded_job_list():
     protocols = set(checks.names())
     experiments = {"v2", "quick", "pilot", "trajectory"}
-    assert protocols == experiments | {"stability", "heldout", "anchor", "gain", "floor", "window"}
+    assert protocols == experiments | {"stability", "heldout", "anchor", "gain", "floor", "window", "grounding"}
     assert set(FIXTURES) == (protocols - {"trajectory"}) | set(TRAJECTORIES)
 
 

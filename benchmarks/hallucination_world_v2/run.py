@@ -5,7 +5,8 @@
 
 CHECK: ``v2`` (the default: Evidence v2, below), ``quick`` (the same on tiny worlds, 2 steps; also ``--quick``),
 ``pilot`` (the SFT + DPO pilots that chose v2's learning rates; prints its table), the stability checks
-``stability``, ``heldout``, ``anchor``, ``gain``, ``floor``, ``window`` (each writes its STABILITY report), and
+``stability``, ``heldout``, ``anchor``, ``gain``, ``floor``, ``window`` (each writes its STABILITY report),
+``grounding`` (mDPO's terms along v2's frontier; writes GROUNDING.md), and
 ``trajectory --kind K --seed S --lr LR [--methods dpo,tpo] [--append FILE]`` (a diagnosis: recall step by step).
 Every check runs the same way: its base protocol (worlds, SFT, base methods at their learning rates, as Evidence
 v2 below), then its own jobs (``checks.check_jobs``), ``--jobs`` at a time, then its report
