@@ -96,7 +96,7 @@ class BatchTokenScores(NamedTuple):
     policy_corrupted: Optional[TokenScores]  # None when no rank's batch has an image
     ref_clean: TokenScores
     ref_corrupted: Optional[TokenScores]
-    has_image: torch.Tensor  # (2n,) bool: the row's pair has an image
+    has_image: torch.Tensor  # (2n,) bool: the row's pair has an image or a video
     policy_mean_logits: torch.Tensor  # (2n,) mean logit of each clean policy row (LLaMA-Factory's logits/*)
     labels: torch.Tensor  # (2n, L)
 
