@@ -169,6 +169,7 @@ class LlamaFactoryAnswerer:
 
         self.chat_model = ChatModel(llamafactory_args)  # a list is parsed as a command line, by HfArgumentParser
         engine = self.chat_model.engine
+        self.batches_requests = engine.name != EngineName.HF  # vLLM, SGLang: concurrent requests are batched
         if engine.name == EngineName.HF and engine.model.config.model_type not in UNBATCHED_MODEL_TYPES:
             self.batched_generator = BatchedGenerator(engine)
             self.answer_batch = self._answer_batch  # generate_answers then sends batches, not single questions
@@ -180,6 +181,7 @@ class LlamaFactoryAnswerer:
         return responses[0].response_text.strip()  # stripped, as model_vqa_loader.py does
 
     def _answer_batch(self, questions: list[Question]) -> list[str]:
+        """The answers to ``questions``, in order, from one ``generate`` call of the Hugging Face engine's model."""
         prompts = [(prompt_for(question, self.suffix), str(self.image_dir / question.image)) for question in questions]
         return [text.strip() for text in self.batched_generator.generate(prompts)]
 
@@ -216,5 +218,6 @@ def generate_answers(
                 pending, answer.answer_batch, answers_path, id_field, text_field, batch_size, len(questions)
             )
         else:
-            write_answers(pending, answer, answers_path, id_field, text_field, batch_size, len(questions))
+            in_flight = batch_size if getattr(answer, "batches_requests", True) else 1  # a plain function: batch_size
+            write_answers(pending, answer, answers_path, id_field, text_field, in_flight, len(questions))
     return match_answers(questions, read_records(output_dir / ANSWERS_FILE), id_field, text_field)

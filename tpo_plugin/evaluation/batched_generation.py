@@ -13,7 +13,9 @@ Why the answers equal one-at-a-time answers: left padding keeps every prompt's l
 attention mask hides the padding from attention, and the position ids are computed from it (``cumsum`` of the mask
 for Llama-like models; Qwen2-VL's M-RoPE ``get_rope_index`` skips masked tokens). Each answer is cut after its
 first stop token, as generation stops there when the prompt is alone; what ``generate`` writes after it (padding)
-is dropped.
+is dropped. Tested token for token on CPU in float32 (tiny Qwen2-VL and LLaVA, ``tests/test_eval_batched.py``). In
+half precision on a GPU, kernels picked by the batch's shape can round differently from a single row's, so an
+answer whose two most likely next tokens are nearly tied may come out differently, as between batch sizes of vLLM.
 """
 
 from typing import Any
