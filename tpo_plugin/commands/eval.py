@@ -93,7 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     chair_parser = benchmarks.add_parser(
         "chair",
         help="CHAIR (object hallucination in image descriptions) on COCO val2014",
-        epilog=MODEL_ARGUMENTS_HELP.replace("--max_new_tokens 128", "--max_new_tokens 512"),
+        epilog=MODEL_ARGUMENTS_HELP.replace("--answers", "--captions").replace(
+            "--max_new_tokens 128", "--max_new_tokens 512"
+        ),
         allow_abbrev=False,
     )
     add_chair_arguments(chair_parser)
