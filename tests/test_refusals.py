@@ -28,7 +28,7 @@ def run_exp_error(config) -> str:
         ({"dataset": "tiny_sft"}, "Dataset `tiny_sft` (sft.json) is not a ranking (preference) dataset"),
         ({"dataset": "text_pairs"}, "No training pair has an image"),
         ({"tpo_noise_step": 1000}, "`tpo_noise_step` must be an integer in 0..999, got 1000"),
-        ({"tpo_reward_on": "none"}, "`tpo_reward_on` must be one of both, chosen, rejected; got 'none'"),
+        ({"tpo_reward_on": "all"}, "`tpo_reward_on` must be one of both, chosen, rejected, none; got 'all'"),
         ({"pref_loss": "orpo"}, "`pref_loss: orpo` is not supported by stage tpo"),
         ({"stage": "dpo", "tpo_corruption": "blank"}, "`tpo_corruption: blank` is only used by `stage: tpo`"),
     ],
