@@ -12,7 +12,14 @@ variant alike:
   sample``: the reference's scores of every trained pair computed once before step 1 (the one-off cost is
   the "s before step 1" column), no reference forward in the steps;
 - ``tpo_reference_structure``: ``stage: tpo`` computed with the reference code's structure
-  (:mod:`reference_structure`: 8 separate forwards, float32 full-vocabulary log-softmax), the same losses.
+  (:mod:`reference_structure`: 8 separate forwards, float32 full-vocabulary log-softmax), the same losses;
+- opt-in (only through ``--variants``), mDPO's visual-grounding terms (docs/method.md §11): ``tpo_conditional``
+  (``tpo_conditional_weight: 1.0``), ``tpo_anchor`` (``tpo_anchor_weight: 1.0``), ``tpo_both_terms`` (both),
+  ``mdpo`` (``tpo_reward_on: none`` and both terms) and ``dpo_like`` (``tpo_reward_on: none`` alone).
+
+Every child also counts its forwards per optimizer step (:class:`ForwardCounter`: calls of the language model, their
+rows and those with a graph, and the vision tower's calls and images), reported in the JSON as
+``forwards_per_step``; with a grounding variant in the run the table shows them, with the ratios to TPO.
 
 It reports per variant the median step time after ``--warmup-steps`` (CUDA-synchronised), the median
 wall time per step (batch loading and logging included), pairs/s, and peak memory (CUDA peak allocated
@@ -29,6 +36,8 @@ gradient norm and metrics as the plugin's trainer in the first two steps.
         --answer-tokens 180 --threads 2 --warmup-steps 1 --measured-steps 3  # the GPU arithmetic / 64, ~8 min
     python benchmarks/bench_tpo.py --device cpu --image-size 448 --loader-workers 1  # collation off the step
     python benchmarks/bench_tpo.py --device cpu --media video --variants dpo,tpo     # video pairs, ~1 min
+    python benchmarks/bench_tpo.py --device cpu --threads 1 --warmup-steps 2 --measured-steps 6 --repeats 2 \
+        --variants dpo,tpo,tpo_conditional,tpo_anchor,tpo_both_terms,mdpo,dpo_like  # grounding terms, ~5 min
 
 ``--media video`` trains on video pairs instead: one video per pair of ``--video-frames`` frames (default 8) at
 ``--image-size`` pixels, written with PyAV (PNG frames in a QuickTime file, the pair's image shifted a little
@@ -79,6 +88,18 @@ VARIANTS = {
     ),
     "tpo_reference_structure": ({"stage": "tpo"}, REFERENCE_STRUCTURE),
 }
+DEFAULT_VARIANTS = tuple(VARIANTS)  # the run without --variants: the grounding variants below are opt-in
+# mDPO's visual-grounding terms (docs/method.md §11, issue #39): each should cost what TPO costs, and tpo_reward_on:
+# none without the conditional term what DPO costs (no corrupted pass at all).
+GROUNDING_VARIANTS = {
+    "tpo_conditional": ({"stage": "tpo", "tpo_conditional_weight": 1.0}, ""),
+    "tpo_anchor": ({"stage": "tpo", "tpo_anchor_weight": 1.0}, ""),
+    "tpo_both_terms": ({"stage": "tpo", "tpo_conditional_weight": 1.0, "tpo_anchor_weight": 1.0}, ""),
+    "mdpo": ({"stage": "tpo", "tpo_reward_on": "none", "tpo_conditional_weight": 1.0, "tpo_anchor_weight": 1.0}, ""),
+    "dpo_like": ({"stage": "tpo", "tpo_reward_on": "none"}, ""),
+}
+VARIANTS.update(GROUNDING_VARIANTS)
+FORWARDS_FILE = "forwards.json"  # written by the child's ForwardCounter next to bench_child's result.json
 CONFIGS = ("lora", "full")
 MODELS = ("tiny", "qwen2-vl-2b", "qwen2-vl-2b-narrow", "qwen2-vl-2b-mini")
 DEVICE_DEFAULTS = {
@@ -138,7 +159,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=sorted(DEVICE_DEFAULTS), default="cpu")
     parser.add_argument("--config", default="lora", help="lora, full, or both comma-separated (default: lora)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
+    parser.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated variants (default: {','.join(DEFAULT_VARIANTS)}; also {','.join(GROUNDING_VARIANTS)})",
+    )
     parser.add_argument("--model", choices=MODELS, help="tiny (CPU default), qwen2-vl-2b (GPU default) or a scaling")
     parser.add_argument("--image-size", type=int, help="square image side in pixels (CPU 112, GPU 448)")
     parser.add_argument(
@@ -386,7 +411,8 @@ def run_variant(args, config: str, variant: str, repeat: int, model_dir, data_di
     recipe_path, result_path, log_path = run_dir / "recipe.yaml", run_dir / "result.json", run_dir / "train.log"
     recipe_path.write_text(yaml.safe_dump(recipe(args, config, variant, model_dir, data_dir, run_dir / "out")))
     result_path.unlink(missing_ok=True)
-    boot = f"import sys; sys.path.insert(0, {str(BENCH_DIR)!r}); import bench_child; bench_child.main()"
+    result_path.with_name(FORWARDS_FILE).unlink(missing_ok=True)
+    boot = f"import sys; sys.path.insert(0, {str(BENCH_DIR)!r}); import bench_tpo; bench_tpo.child_main()"
     env = {
         **os.environ,
         **OFFLINE_ENV,
@@ -420,6 +446,8 @@ def run_variant(args, config: str, variant: str, repeat: int, model_dir, data_di
 
     result = json.loads(result_path.read_text())
     result["process_seconds"] = seconds
+    forwards_path = result_path.with_name(FORWARDS_FILE)
+    result["forwards"] = json.loads(forwards_path.read_text()) if forwards_path.is_file() else None
     if VARIANTS[variant][1] == REFERENCE_STRUCTURE and result["trainer"] != "ReferenceStructureTPOTrainer":
         return {"error": f"trained with {result['trainer']}, not the reference structure", "log": str(log_path)}
     steps = result["step_seconds"][args.warmup_steps :]
@@ -448,12 +476,26 @@ def summarise(args, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "trainer": runs[0]["trainer"],
         "first_steps_logs": runs[0]["logs"][:2],
     }
+    summary["forwards_per_step"] = forwards_per_step(args, runs)
     if not cuda and all(run["peak_rss_since_train_begin"] for run in runs):
         summary["peak_memory_kind"] = "peak_rss_during_training"  # else: over the whole process
     if cuda:
         summary["peak_reserved_bytes"] = max(run["peak_reserved_bytes"] for run in runs)
         summary["device"] = runs[0]["device"]
     return summary
+
+
+def forwards_per_step(args, runs: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The counts of :class:`ForwardCounter` over the measured steps of all runs: each count's value if every step
+    had the same, else its ``[min, max]``."""
+    steps = [step for run in runs if run.get("forwards") for step in run["forwards"][args.warmup_steps :]]
+    if not steps:
+        return None
+    counts = {}
+    for key in steps[0]:
+        values = sorted({step[key] for step in steps})
+        counts[key] = values[0] if len(values) == 1 else [values[0], values[-1]]
+    return counts
 
 
 def ratio(numerator: Optional[dict], denominator: Optional[dict]) -> Optional[dict[str, float]]:
@@ -493,6 +535,9 @@ def configuration_result(args, runs: dict[str, list[dict]]) -> dict[str, Any]:
     dpo, tpo = variants.get("dpo"), variants.get("tpo")
     ratios = {f"{name}/dpo": ratio(summary, dpo) for name, summary in variants.items() if name != "dpo"}
     ratios["tpo_reference_structure/tpo"] = ratio(variants.get("tpo_reference_structure"), tpo)
+    for name in GROUNDING_VARIANTS:
+        if name in variants:
+            ratios[f"{name}/tpo"] = ratio(variants[name], tpo)
     check = reference_structure_check(tpo, variants.get("tpo_reference_structure"))
     return {"variants": variants, "ratios": ratios, "reference_structure_check": check}
 
@@ -505,27 +550,43 @@ def markdown_table(config: str, result: dict[str, Any], header: str) -> str:
     variants = result["variants"]
     cuda = any("peak_reserved_bytes" in summary for summary in variants.values())
     memory = "peak allocated (reserved)" if cuda else "peak RSS (growth in training)"
+    # With a grounding variant in the run: ratios to TPO and the counted forwards per step as well.
+    grounding = any(name in GROUNDING_VARIANTS for name in variants)
+    extra_columns = (
+        " × DPO wall | × TPO time | × TPO wall | × TPO memory | LM forwards/step (rows; with graph) | "
+        "vision tower calls/step (images) |"
+        if grounding
+        else ""
+    )
     lines = [
         f"#### {config}: {header}",
         "",
         f"| variant | s/step (median) | wall s/step | s before step 1 | pairs/s | {memory} | × DPO time | "
-        "× DPO memory |",
-        "|---|---|---|---|---|---|---|---|",
+        f"× DPO memory |{extra_columns}",
+        "|---|---|---|---|---|---|---|---|" + "---|" * extra_columns.count("|"),
     ]
     for name, summary in variants.items():
         if "error" in summary:
-            lines.append(f"| {name} | failed: {summary['error']} | | | | | | |")
+            lines.append(f"| {name} | failed: {summary['error']} | | | | | | |" + " |" * extra_columns.count("|"))
             continue
-        to_dpo = result["ratios"].get(f"{name}/dpo") or ({"time": 1.0, "memory": 1.0} if name == "dpo" else None)
+        same = {"time": 1.0, "wall_time": 1.0, "memory": 1.0}
+        to_dpo = result["ratios"].get(f"{name}/dpo") or (same if name == "dpo" else None)
         times = f"{to_dpo['time']:.2f}×" if to_dpo else "–"
         memories = f"{to_dpo['memory']:.2f}×" if to_dpo else "–"
         extra = summary["peak_reserved_bytes"] if cuda else summary["training_rss_growth_bytes"]
         memory_cell = f"{gib(summary['peak_memory_bytes'])} ({'' if cuda else '+'}{gib(extra)})"
-        lines.append(
+        row = (
             f"| {name} | {summary['s_per_step']:.4f} | {summary['wall_s_per_step']:.4f} | "
             f"{summary['s_before_first_step']:.2f} | {summary['pairs_per_s']:.2f} | {memory_cell} | {times} | "
             f"{memories} |"
         )
+        if grounding:
+            to_tpo = result["ratios"].get(f"{name}/tpo") or (same if name == "tpo" else None)
+            cells = [f"{to_dpo['wall_time']:.2f}×" if to_dpo else "–"]
+            cells += [f"{to_tpo[key]:.2f}×" if to_tpo else "–" for key in ("time", "wall_time", "memory")]
+            cells += forwards_cells(summary.get("forwards_per_step"))
+            row += "".join(f" {cell} |" for cell in cells)
+        lines.append(row)
     versus = result["ratios"].get("tpo_reference_structure/tpo")
     if versus:
         lines += [
@@ -539,6 +600,22 @@ def markdown_table(config: str, result: dict[str, Any], header: str) -> str:
             f"{check['max_rel_diff']:.1e} over {len(check['rel_diff'])} values."
         )
     return "\n".join(lines)
+
+
+def forwards_cells(counts: Optional[dict[str, Any]]) -> list[str]:
+    """The two "forwards per step" cells of the table: language model calls (rows; calls, rows with a graph) and
+    vision tower calls (images encoded)."""
+    if not counts:
+        return ["not counted", "not counted"]
+
+    def show(value) -> str:
+        return f"{value[0]}–{value[1]}" if isinstance(value, list) else str(value)
+
+    language = (
+        f"{show(counts['lm_calls'])} ({show(counts['lm_rows'])} rows; {show(counts['lm_calls_with_graph'])} with "
+        f"graph, {show(counts['lm_rows_with_graph'])} rows)"
+    )
+    return [language, f"{show(counts['vision_calls'])} ({show(counts['vision_images'])} images)"]
 
 
 def device_name(device: str, results: dict[str, Any]) -> str:
@@ -578,6 +655,100 @@ def plugin_source_digest() -> str:
     for path in sorted(package.rglob("*.py")):
         digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
+
+
+class ForwardCounter:
+    """Counts, in a benchmark child, the forward calls of every step (``on_step_begin`` to ``on_step_end``).
+
+    Forward pre-hooks on the language model (the ``language_model`` module of the policy's multimodal model, and of
+    a separate reference model if there is one) and on its vision tower (``visual``) record per call: the rows
+    (``inputs_embeds``' first dimension), whether autograd records a graph, and the images (rows of ``grid_thw``)
+    the vision tower encodes. The policy's and the reference's passes both count: with LoRA the reference is the
+    policy with its adapter disabled, the same modules. A hook is a few Python operations per call, in every
+    variant alike.
+    """
+
+    def __init__(self) -> None:
+        self.hooked: set[int] = set()
+        self.current: Optional[dict[str, int]] = None  # None outside a step (the precomputed reference pass)
+        self.steps: list[dict[str, int]] = []
+
+    def attach(self, *models: Any) -> None:
+        from tpo_plugin.training.batch.image_features import image_feature_owner
+
+        for model in models:
+            owner = image_feature_owner(model) if model is not None else None
+            if owner is None or id(owner) in self.hooked:
+                continue
+            self.hooked.add(id(owner))
+            owner.language_model.register_forward_pre_hook(self._language_model_call, with_kwargs=True)
+            visual = getattr(owner, "visual", None)
+            if visual is not None:
+                visual.register_forward_pre_hook(self._vision_call, with_kwargs=True)
+
+    def _language_model_call(self, module, args, kwargs) -> None:
+        import torch
+
+        if self.current is None:
+            return
+        tensor = kwargs.get("inputs_embeds")
+        if tensor is None:
+            tensor = kwargs.get("input_ids", args[0] if args else None)
+        rows = int(tensor.shape[0]) if tensor is not None else 0
+        self.current["lm_calls"] += 1
+        self.current["lm_rows"] += rows
+        if torch.is_grad_enabled():
+            self.current["lm_calls_with_graph"] += 1
+            self.current["lm_rows_with_graph"] += rows
+
+    def _vision_call(self, module, args, kwargs) -> None:
+        if self.current is None:
+            return
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self.current["vision_calls"] += 1
+        self.current["vision_images"] += int(grid.shape[0]) if grid is not None else 0
+
+    # TrainerCallback's hooks that matter here (the counter is added with Trainer.add_callback)
+    def on_step_begin(self, args, state, control, **kwargs):
+        keys = ("lm_calls", "lm_rows", "lm_calls_with_graph", "lm_rows_with_graph", "vision_calls", "vision_images")
+        self.current = dict.fromkeys(keys, 0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.current is not None:
+            self.steps.append(self.current)
+        self.current = None
+
+
+def child_main() -> None:
+    """A benchmark child (``run_variant``'s ``boot``): bench_child's timer and trainer choice, plus a
+    :class:`ForwardCounter` whose counts are written next to bench_child's result before its ``os._exit``."""
+    import bench_child
+    from transformers import TrainerCallback
+
+    bench_child.install(os.environ[RESULT_ENV], os.environ.get(TRAINER_ENV, ""))
+    from llamafactory.train.dpo.trainer import CustomDPOTrainer
+
+    counter = ForwardCounter()
+    callback = type("ForwardCounterCallback", (TrainerCallback,), {})()
+    callback.on_step_begin, callback.on_step_end = counter.on_step_begin, counter.on_step_end
+    forwards_path = pathlib.Path(os.environ[RESULT_ENV]).with_name(FORWARDS_FILE)
+    trainer_init, timer_train_end = CustomDPOTrainer.__init__, bench_child.StepTimer.on_train_end
+
+    def trainer_init_counting(self, *args, **kwargs):
+        trainer_init(self, *args, **kwargs)
+        counter.attach(self.model, getattr(self, "ref_model", None))
+        if callback not in self.callback_handler.callbacks:
+            self.add_callback(callback)
+
+    def train_end_writing_counts(self, *args, **kwargs):  # StepTimer ends the process: write the counts first
+        forwards_path.write_text(json.dumps(counter.steps))
+        return timer_train_end(self, *args, **kwargs)
+
+    CustomDPOTrainer.__init__ = trainer_init_counting
+    bench_child.StepTimer.on_train_end = train_end_writing_counts
+    from llamafactory.cli import main as cli_main
+
+    cli_main()
 
 
 class Stopped(Exception):
