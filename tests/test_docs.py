@@ -61,6 +61,15 @@ def test_readme_keeps_the_commands_ci_runs():
     assert "stage: tpo" in readme
 
 
+def test_pages_hold_no_control_characters():
+    """A page written from a Python string that was not raw turns ``\\text`` into a tab and ``\\beta`` into a
+    backspace: the equation then renders as garbage while every link still resolves."""
+    for page in [ROOT / "README.md", *DOCS.rglob("*.md")]:
+        for number, line in enumerate(page.read_text().splitlines(), start=1):
+            bad = sorted({hex(ord(char)) for char in line if ord(char) < 32})
+            assert not bad, f"{page.relative_to(ROOT)}:{number} holds control characters {bad}: {line!r}"
+
+
 def _anchors(page: Path) -> set[str]:
     from markdown.extensions.toc import slugify
 
