@@ -2,6 +2,7 @@
 times with the reference code's structure trains exactly like the plugin's trainer. Benchmarks are not
 tests: no timing is asserted here."""
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -84,3 +85,16 @@ def test_gpu_model_has_qwen2_vl_2b_shape():
     assert shape["parameters"] == 2_208_985_600  # Qwen2-VL-2B-Instruct's count
     assert shape["tokenizer_length"] == shape["vocab_size"] == 151936
     assert shape["image_pad_id"] == shape["image_token_id"]
+
+
+def test_narrow_model_keeps_the_2b_cost_balance_at_an_eighth_of_the_widths():
+    spec = importlib.util.spec_from_file_location("bench_models", BENCHMARKS / "models.py")
+    models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(models)
+    full, narrow = models.SHAPES["qwen2-vl-2b"], models.SHAPES["qwen2-vl-2b-narrow"]
+    for part, widths in (("text", ("hidden_size", "intermediate_size", "vocab_size")), ("vision", ("embed_dim",))):
+        for key in widths:
+            assert narrow[part][key] * 8 == full[part][key], (part, key)
+    assert narrow["text"]["num_hidden_layers"] == full["text"]["num_hidden_layers"]
+    assert narrow["vision"]["depth"] == full["vision"]["depth"]
+    assert narrow["vision"]["mlp_ratio"] == full["vision"]["mlp_ratio"]
